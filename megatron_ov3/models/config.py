@@ -1,0 +1,229 @@
+"""Model configuration: one dataclass per concern, each field documented, validated at construction.
+
+* :class:`TowerConfig` — the shape of one transformer stack (width / depth / MLP / heads).
+* :class:`OV3Config` — what the OV3 model *is*: its four towers, token layout, text lengths, loss weights.
+* :class:`LayerImplConfig` — how the layers are *realised*: layer backend (local / Transformer Engine),
+  attention kernel, parameter dtype, FP8, sequence parallelism, activation recomputation. The training
+  entry point fills it from flags; the model code passes it to the spec builder and never branches on it.
+
+Invalid values raise :class:`ConfigError` (a ``ValueError``) whose message names the field and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message names the field and how to fix it."""
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass(frozen=True)
+class TowerConfig:
+    """Shape of one transformer stack (big_vision naming: width / depth / MLP / heads)."""
+
+    width: int
+    """Hidden size of every token."""
+    depth: int
+    """Number of transformer layers."""
+    mlp: int
+    """Hidden size of the MLP inside each layer."""
+    heads: int
+    """Number of attention heads; must divide ``width``."""
+
+    def validate(self, name: str) -> None:
+        for f in ("width", "depth", "mlp", "heads"):
+            _require(getattr(self, f) > 0, f"{name}.{f} must be positive, got {getattr(self, f)}")
+        _require(
+            self.width % self.heads == 0,
+            f"{name}.heads={self.heads} does not divide {name}.width={self.width}; "
+            f"pick heads among the divisors of {self.width}",
+        )
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+
+@dataclass
+class OV3Config:
+    """The OpenVision 3 model: frozen VAE -> latent ViT encoder -> {ViT decoder, text tower, caption decoder}."""
+
+    encoder: TowerConfig
+    """The latent ViT encoder (the product: the tower LLaVA and RAE consume)."""
+    decoder: TowerConfig
+    """ViT decoder that predicts VAE latents from (noised) encoder tokens, for the reconstruction loss."""
+    text: TowerConfig
+    """CLIP-style text encoder for the contrastive loss."""
+    caption: TowerConfig
+    """Caption decoder: causal transformer over [projected image tokens; caption tokens] (prefix fusion)."""
+    embed_dim: int
+    """Width of the shared image/text embedding used by the contrastive loss."""
+    size: str = "custom"
+    """Registry name this config came from (informational)."""
+
+    # --- image / latent / tokens ---
+    image_size: int = 256
+    """Training resolution in pixels (square). Must be a multiple of 16 (VAE 8x times patch 2)."""
+    latent_channels: int = 16
+    """Channels of the VAE latent (16 for the FLUX.1 VAE)."""
+    vae_downsample: int = 8
+    """Spatial downsampling of the VAE (8 for FLUX.1)."""
+    patch_size: int = 2
+    """Patch size over the latent; one token covers vae_downsample*patch_size pixels (16)."""
+    class_token: bool = False
+    """Prepend a learned class token. Off by default: pooling is GAP, and without it the token count
+    (N = (image_size/16)^2 = 64 at 128px, 256 at 256px) is a multiple of 16 as FP8 GEMMs want. Turn it on to
+    import/export the official OV3 open_clip checkpoints, which have one."""
+    register_tokens: int = 0
+    """Number of learned register tokens prepended after the class token (excluded from pooling)."""
+    pos_embed_ref_grid: int = 16
+    """Token grid at which the fixed sincos-2d position embedding uses integer positions. Other grids sample
+    the same continuous embedding at scaled positions, so 128px (8x8) and 256px (16x16) cover the same
+    spatial extent and any resolution in between works without re-learning."""
+    final_ln_after_pool: bool = True
+    """Apply the encoder's final LayerNorm to the pooled vector only (OpenVision/open_clip convention: the
+    returned tokens are the raw output of the last block). False: normalise the tokens, then pool."""
+    layernorm_eps: float = 1e-6
+    """LayerNorm epsilon of every tower (OpenVision uses 1e-6)."""
+
+    # --- reconstruction branch ---
+    decoder_noise_tau: float = 0.8
+    """Training-time noise on encoder tokens before the decoder: sigma ~ U[0, tau] per sample (RAE uses
+    0.8; the paper does not publish its value). No noise in eval mode."""
+
+    # --- text ---
+    vocab_size: int = 32000
+    """Size of the sentencepiece vocabulary shared by the text encoder and the caption decoder."""
+    text_context_length: int = 80
+    """Token length of the text-encoder input (OpenVision: 80)."""
+    caption_length: int = 128
+    """Token length of the caption-decoder input (OpenVision: 128)."""
+    pad_id: int = 0
+    """Token id used for padding; padded caption positions carry no loss, text pooling ignores them."""
+
+    # --- losses (paper defaults: L = 0.5*(pixel + 0.4*latent + lpips_w*lpips) + caption + contrastive) ---
+    reconstruction_weight: float = 0.5
+    """Weight of the whole reconstruction loss L_rec in the total."""
+    pixel_l1_weight: float = 1.0
+    """Weight of the pixel L1 (through the frozen VAE decoder) inside L_rec."""
+    latent_l1_weight: float = 0.4
+    """Weight of the latent L1 inside L_rec."""
+    lpips_weight: float = 0.0
+    """Weight of LPIPS inside L_rec (paper: 0 in pre-training, 0.5 in fine-tuning). >0 needs lpips_path."""
+    lpips_path: Optional[str] = None
+    """Local file with LPIPS (VGG) weights; required when lpips_weight > 0."""
+    caption_weight: float = 1.0
+    """Weight of the captioning cross-entropy."""
+    contrastive_weight: float = 1.0
+    """Weight of the CLIP contrastive loss."""
+    logit_scale_init: float = 1.0 / 0.07
+    """Initial contrastive temperature scale (learned as its log)."""
+    logit_scale_max: float = 100.0
+    """Upper clamp of the learned logit scale."""
+
+    def __post_init__(self):
+        for name in ("encoder", "decoder", "text", "caption"):
+            tower = getattr(self, name)
+            if isinstance(tower, dict):
+                tower = TowerConfig(**tower)
+                setattr(self, name, tower)
+            tower.validate(name)
+        _require(self.embed_dim > 0, f"embed_dim must be positive, got {self.embed_dim}")
+        token_px = self.vae_downsample * self.patch_size
+        _require(
+            self.image_size > 0 and self.image_size % token_px == 0,
+            f"image_size={self.image_size} is not a multiple of {token_px} (VAE {self.vae_downsample}x times "
+            f"patch {self.patch_size}); use e.g. 128, 224 or 256",
+        )
+        _require(self.register_tokens >= 0, f"register_tokens must be >= 0, got {self.register_tokens}")
+        _require(self.decoder_noise_tau >= 0, f"decoder_noise_tau must be >= 0, got {self.decoder_noise_tau}")
+        _require(self.vocab_size > 1, f"vocab_size must be > 1, got {self.vocab_size}")
+        _require(self.text_context_length > 1, "text_context_length must be > 1")
+        _require(self.caption_length > 1, "caption_length must be > 1")
+        _require(0 <= self.pad_id < self.vocab_size, f"pad_id={self.pad_id} must lie in [0, vocab_size)")
+        for f in ("reconstruction_weight", "pixel_l1_weight", "latent_l1_weight", "lpips_weight",
+                  "caption_weight", "contrastive_weight"):
+            _require(getattr(self, f) >= 0, f"{f} must be >= 0, got {getattr(self, f)}")
+        _require(
+            self.lpips_weight == 0 or self.lpips_path,
+            "lpips_weight > 0 needs lpips_path (a local LPIPS weights file); set it or set lpips_weight 0",
+        )
+        _require(self.logit_scale_init > 0, "logit_scale_init must be > 0")
+        _require(self.logit_scale_max >= self.logit_scale_init, "logit_scale_max must be >= logit_scale_init")
+
+    # --- derived ---
+    @property
+    def grid_size(self) -> int:
+        """Token grid side at ``image_size``."""
+        return self.image_size // (self.vae_downsample * self.patch_size)
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size ** 2
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.class_token) + self.register_tokens
+
+    @property
+    def pixels_per_token(self) -> int:
+        return self.vae_downsample * self.patch_size
+
+    def replace(self, **changes) -> "OV3Config":
+        """A copy with some fields changed (re-validated)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "OV3Config":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        _require(not unknown, f"unknown OV3Config fields {unknown}; remove them (known: {sorted(known)})")
+        return cls(**d)
+
+
+@dataclass
+class LayerImplConfig:
+    """How transformer layers are realised. Filled by the training entry point; the model passes it through."""
+
+    backend: str = "auto"
+    """Layer backend: 'te' (Transformer Engine), 'local' (megatron-core modules) or 'auto' (te if importable)."""
+    attention: str = "sdpa"
+    """Core attention of the local backend: 'sdpa' (torch fused kernels) or 'unfused' (megatron's softmax)."""
+    params_dtype: torch.dtype = torch.float32
+    """Dtype of the transformer parameters."""
+    bf16: bool = False
+    """Run megatron layers in bf16 mode (params_dtype should then be bfloat16)."""
+    fp8: Optional[str] = None
+    """FP8 recipe for TE layers: None, 'hybrid' (E4M3 forward, E5M2 backward) or 'e4m3'. Needs backend te."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (shards LayerNorm/dropout activations across the TP group)."""
+    recompute_granularity: Optional[str] = None
+    """Activation recomputation: None, 'full' (whole layers) or 'selective' (core attention only)."""
+    recompute_num_layers: int = 1
+    """With 'full' recomputation: layers per recomputed chunk (uniform method)."""
+    init_method_std: float = 0.02
+    """Std of the normal init of transformer weights."""
+
+    def __post_init__(self):
+        from .specs import ATTENTIONS, BACKENDS
+
+        _require(self.backend in BACKENDS, f"backend {self.backend!r} unknown; use one of {BACKENDS}")
+        _require(self.attention in ATTENTIONS, f"attention {self.attention!r} unknown; use one of {ATTENTIONS}")
+        _require(self.fp8 in (None, "hybrid", "e4m3"), f"fp8 {self.fp8!r} unknown; use hybrid or e4m3")
+        _require(
+            self.recompute_granularity in (None, "full", "selective"),
+            f"recompute_granularity {self.recompute_granularity!r} unknown; use full or selective",
+        )
+        _require(self.recompute_num_layers >= 1, "recompute_num_layers must be >= 1")

@@ -1,0 +1,160 @@
+"""The OV3 model: one shared image representation trained by reconstruction and by language.
+
+::
+
+    images [-1,1] --(frozen VAE encode; skipped for latent shards)--> z (B,16,H/8,W/8)
+    z --> LatentViTEncoder --> tokens u (B,N,W), pooled embedding e_img
+       u --(+ sigma*eps, train only)--> LatentDecoder --> z_hat --> latent_l1 = |z_hat - z|
+                                             z_hat --(frozen VAE decode, with grad)--> x_hat --> pixel_l1, lpips
+       e_img, TextEncoder(text_ids) --> contrastive_loss (gather over the data-parallel group)
+       u, caption_ids --> CaptionDecoder --> caption_loss
+    total = rec_w * (pixel_w*pixel_l1 + latent_w*latent_l1 + lpips_w*lpips) + cap_w*caption + con_w*contrastive
+
+The frozen VAE (and LPIPS) are *not* submodules: they own no trainable state, are not saved in checkpoints,
+are not seen by optimizers or ZeRO partitioning, and keep their own dtype. Move them with :meth:`to_frozen`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from ..losses import contrastive_loss, l1
+from .config import LayerImplConfig, OV3Config
+from .decoder import LatentDecoder
+from .encoder import EncoderOutput, LatentViTEncoder
+from .lpips import LPIPS
+from .text import CaptionDecoder, TextEncoder
+from .vae import FrozenVAE
+
+LOSS_NAMES = ("contrastive_loss", "caption_loss", "latent_l1", "pixel_l1", "lpips")
+
+
+class OV3Model(nn.Module):
+    def __init__(
+        self,
+        cfg: OV3Config,
+        impl: Optional[LayerImplConfig] = None,
+        vae: Optional[FrozenVAE] = None,
+        pre_process: bool = True,
+        post_process: bool = True,
+        dp_group_fn=None,
+    ):
+        """``vae``: the frozen VAE (required to train from images and for the pixel loss).
+        ``dp_group_fn``: returns the data-parallel group for the contrastive loss (default: megatron's)."""
+        super().__init__()
+        impl = impl or LayerImplConfig()
+        self.cfg, self.impl = cfg, impl
+        self.pre_process, self.post_process = pre_process, post_process
+        if vae is not None and vae.latent_channels != cfg.latent_channels:
+            raise ValueError(
+                f"VAE has {vae.latent_channels} latent channels but the model expects {cfg.latent_channels}"
+            )
+        if vae is not None and vae.downsample != cfg.vae_downsample:
+            raise ValueError(f"VAE downsamples {vae.downsample}x but the model expects {cfg.vae_downsample}x")
+        object.__setattr__(self, "vae", vae)
+        object.__setattr__(self, "lpips", LPIPS.from_file(cfg.lpips_path) if cfg.lpips_weight > 0 else None)
+        if dp_group_fn is None:
+            from ..parallel import data_parallel_group as dp_group_fn
+        self._dp_group_fn = dp_group_fn
+
+        self.encoder = LatentViTEncoder(cfg, impl, pre_process=pre_process, post_process=post_process)
+        if post_process:
+            self.decoder = LatentDecoder(cfg, impl)
+            self.text = TextEncoder(cfg, impl)
+            self.caption = CaptionDecoder(cfg, impl)
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(cfg.logit_scale_init)))
+
+    # ---- frozen companions ----
+    def to_frozen(self, device=None, dtype=None) -> "OV3Model":
+        """Move the frozen VAE / LPIPS (not submodules) to ``device`` and optionally cast the VAE."""
+        for m in (self.vae, self.lpips):
+            if m is not None:
+                m.to(device=device, dtype=dtype if m is self.vae else None)
+        return self
+
+    def set_input_tensor(self, tensor):
+        self.encoder.set_input_tensor(tensor[0] if isinstance(tensor, (list, tuple)) else tensor)
+
+    # ---- pieces ----
+    def latents_of(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """Normalised VAE latents of a batch: given (latent shards) or encoded by the frozen VAE."""
+        if batch.get("latents") is not None:
+            return batch["latents"].float()
+        if self.vae is None:
+            raise ValueError("batch has images but the model has no VAE; pass vae=FrozenVAE(...) or latent shards")
+        return self.vae.encode(batch["images"])
+
+    def encode_image(self, images=None, latents=None, output_hidden_states: bool = False) -> EncoderOutput:
+        """Encoder only (the exported tower): images in [-1, 1] or precomputed latents."""
+        if latents is None:
+            latents = self.latents_of({"images": images})
+        return self.encoder(latents, output_hidden_states=output_hidden_states)
+
+    def encode_text(self, text_ids: torch.Tensor) -> torch.Tensor:
+        return self.text(text_ids)
+
+    def reconstruct(self, images=None, latents=None):
+        """(predicted latents, decoded images) without noise; for evaluation and export checks."""
+        z = latents if latents is not None else self.latents_of({"images": images})
+        z_hat = self.decoder(self.encoder(z).tokens)
+        return z_hat, (self.vae.decode(z_hat) if self.vae is not None else None)
+
+    def current_logit_scale(self) -> torch.Tensor:
+        return self.logit_scale.exp().clamp(max=self.cfg.logit_scale_max)
+
+    # ---- training forward ----
+    def forward(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Named losses and metrics for one micro-batch.
+
+        ``batch``: ``images`` (B,3,H,W) in [-1,1] and/or ``latents`` (B,16,H/8,W/8); ``text_ids`` (B,80);
+        ``caption_ids`` (B,128); optional ``noise_seeds`` (B,) int64 for split-invariant decoder noise.
+        Returns ``total_loss``, each loss by name (see ``LOSS_NAMES``) and metrics (``contrastive_acc_i2t``,
+        ``contrastive_acc_t2i``, ``logit_scale``, ``caption_tokens``).
+        """
+        cfg = self.cfg
+        z = self.latents_of(batch)
+        enc = self.encoder(z)
+        if not self.post_process:
+            return enc
+        out: Dict[str, torch.Tensor] = {}
+
+        # reconstruction branch
+        z_hat = self.decoder(enc.tokens, batch.get("noise_seeds"))
+        out["latent_l1"] = l1(z_hat, z)
+        rec = cfg.latent_l1_weight * out["latent_l1"]
+        if cfg.pixel_l1_weight > 0 or cfg.lpips_weight > 0:
+            if self.vae is None:
+                raise ValueError("the pixel loss needs the VAE decoder; pass vae=FrozenVAE(...) or set pixel_l1_weight 0")
+            x_hat = self.vae.decode(z_hat)
+            x = batch.get("images")
+            if x is None:  # latent shards carry no pixels: the target is the VAE's own reconstruction
+                with torch.no_grad():
+                    x = self.vae.decode(z)
+            out["pixel_l1"] = l1(x_hat, x)
+            rec = rec + cfg.pixel_l1_weight * out["pixel_l1"]
+            if self.lpips is not None:
+                out["lpips"] = self.lpips(x_hat.float(), x.float()).mean()
+                rec = rec + cfg.lpips_weight * out["lpips"]
+
+        # understanding branch
+        scale = self.current_logit_scale()
+        text_emb = self.text(batch["text_ids"])
+        con, acc_i2t, acc_t2i = contrastive_loss(enc.embedding, text_emb, scale, self._dp_group_fn())
+        out["contrastive_loss"] = con
+        cap, ntok = self.caption(enc.tokens, batch["caption_ids"])
+        out["caption_loss"] = cap
+
+        out["total_loss"] = cfg.reconstruction_weight * rec + cfg.caption_weight * cap + cfg.contrastive_weight * con
+        out["contrastive_acc_i2t"] = acc_i2t
+        out["contrastive_acc_t2i"] = acc_t2i
+        out["logit_scale"] = scale.detach()
+        out["caption_tokens"] = ntok.detach()
+        return out
+
+
+def build_model(cfg: OV3Config, impl: Optional[LayerImplConfig] = None, vae: Optional[FrozenVAE] = None, **kw) -> OV3Model:
+    """Build OV3 for the current megatron parallel state (call ``parallel.initialize_model_parallel`` first)."""
+    return OV3Model(cfg, impl, vae, **kw)

@@ -1,0 +1,118 @@
+"""The frozen FLUX.1 VAE (diffusers ``AutoencoderKL``): images in [-1, 1] <-> 16-channel latents at 1/8 size.
+
+No VAE parameter is ever trained. ``encode`` runs without autograd and returns the posterior mean, shifted
+and scaled: ``(mean - shift_factor) * scaling_factor``. ``decode`` undoes the scaling and runs the VAE decoder
+*with* autograd, so the pixel loss sends gradients into the predicted latents (but not into the VAE).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+FLUX_VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    act_fn="silu",
+    latent_channels=16,
+    norm_num_groups=32,
+    sample_size=1024,
+    scaling_factor=0.3611,
+    shift_factor=0.1159,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+    mid_block_add_attention=True,
+)
+"""The FLUX.1 VAE architecture (black-forest-labs/FLUX.1-dev, subfolder ``vae``)."""
+
+
+def flux_vae_config(**overrides) -> dict:
+    """FLUX.1 VAE config with overrides (tests shrink ``block_out_channels`` etc. but keep the structure)."""
+    cfg = dict(FLUX_VAE_CONFIG)
+    cfg.update(overrides)
+    return cfg
+
+
+TINY_VAE_OVERRIDES = dict(block_out_channels=(32, 32, 32, 32), layers_per_block=1, norm_num_groups=8)
+"""A random-init VAE with the FLUX structure (4 levels = 8x, 16 latent channels) at toy width, for tests/demo."""
+
+
+class FrozenVAE(nn.Module):
+    """Frozen diffusers ``AutoencoderKL`` with OV3's latent normalisation."""
+
+    def __init__(self, autoencoder, scaling_factor: Optional[float] = None, shift_factor: Optional[float] = None):
+        super().__init__()
+        self.vae = autoencoder
+        cfg = autoencoder.config
+        self.scaling_factor = float(cfg.scaling_factor if scaling_factor is None else scaling_factor)
+        shift = cfg.shift_factor if shift_factor is None else shift_factor
+        self.shift_factor = float(shift or 0.0)
+        self.latent_channels = int(cfg.latent_channels)
+        self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
+        self.vae.requires_grad_(False)
+        self.vae.eval()
+
+    # ---- constructors ----
+    @classmethod
+    def from_config(cls, config: Optional[dict] = None, seed: Optional[int] = None, **kw) -> "FrozenVAE":
+        """Random-init VAE of the given architecture (default: the full FLUX.1 VAE)."""
+        from diffusers import AutoencoderKL
+
+        if seed is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                ae = AutoencoderKL(**(config or FLUX_VAE_CONFIG))
+        else:
+            ae = AutoencoderKL(**(config or FLUX_VAE_CONFIG))
+        return cls(ae, **kw)
+
+    @classmethod
+    def tiny(cls, seed: int = 0) -> "FrozenVAE":
+        """The random-init toy VAE of FLUX structure used by tests and the CPU demo."""
+        return cls.from_config(flux_vae_config(**TINY_VAE_OVERRIDES), seed=seed)
+
+    @classmethod
+    def from_pretrained(cls, path: str, subfolder: Optional[str] = None, **kw) -> "FrozenVAE":
+        """Load weights from a local diffusers directory (``config.json`` + ``diffusion_pytorch_model.safetensors``),
+        e.g. a download of FLUX.1-dev with ``subfolder="vae"``. Never touches the network; safetensors only."""
+        from diffusers import AutoencoderKL
+
+        root = os.path.join(path, subfolder) if subfolder else path
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"VAE directory {root!r} does not exist; pass a local diffusers VAE folder")
+        if not os.path.isfile(os.path.join(root, "config.json")):
+            raise FileNotFoundError(f"VAE directory {root!r} has no config.json; is it a diffusers AutoencoderKL?")
+        ae = AutoencoderKL.from_pretrained(root, local_files_only=True, use_safetensors=True)
+        return cls(ae, **kw)
+
+    def save_pretrained(self, path: str) -> None:
+        self.vae.save_pretrained(path, safe_serialization=True)
+
+    # ---- keep frozen ----
+    def train(self, mode: bool = True):  # the VAE is always in eval mode
+        super().train(False)
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    # ---- encode / decode ----
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> normalised latents (B, C, H/8, W/8), posterior mean, no grad."""
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"VAE.encode expects images of shape (B, 3, H, W), got {tuple(images.shape)}")
+        mean = self.vae.encode(images.to(self.dtype)).latent_dist.mean
+        return ((mean - self.shift_factor) * self.scaling_factor).float()
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents -> images in about [-1, 1]; differentiable w.r.t. ``latents``."""
+        z = latents / self.scaling_factor + self.shift_factor
+        return self.vae.decode(z.to(self.dtype)).sample.float()
