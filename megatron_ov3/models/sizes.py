@@ -73,3 +73,54 @@ def get_config(name: str, **overrides) -> OV3Config:
         base.update(vocab_size=512)
     base.update(overrides)
     return OV3Config(**base)
+
+
+def _layer_params(width: int, mlp: int) -> int:
+    # 2 LayerNorms (4W) + QKV (3W^2+3W) + out proj (W^2+W) + fc1 (WM+M) + fc2 (MW+W)
+    return 4 * width * width + 2 * width * mlp + 9 * width + mlp
+
+
+def _stack_params(t: TowerConfig) -> int:
+    return t.depth * _layer_params(t.width, t.mlp)
+
+
+def count_parameters(cfg: OV3Config) -> Dict[str, int]:
+    """Analytic trainable-parameter count per tower (the frozen VAE and the fixed sincos tables excluded).
+
+    Used by the FLOP counter and the scaling planner; tests check it against models built on the meta device.
+    """
+    from .text import padded_vocab_size
+
+    e, d, t, c = cfg.encoder, cfg.decoder, cfg.text, cfg.caption
+    vocab = padded_vocab_size(cfg.vocab_size)
+    patch_out = cfg.patch_size ** 2 * cfg.latent_channels
+    counts = {
+        "encoder": patch_out * e.width + cfg.num_prefix_tokens * e.width + _stack_params(e)
+        + 2 * e.width + e.width * cfg.embed_dim,
+        "decoder": e.width * d.width + d.width + _stack_params(d) + 2 * d.width + d.width * patch_out + patch_out,
+        "text": vocab * t.width + cfg.text_context_length * t.width + _stack_params(t) + 2 * t.width
+        + t.width * cfg.embed_dim,
+        "caption": e.width * c.width + c.width + vocab * c.width + cfg.caption_length * c.width + _stack_params(c)
+        + 2 * c.width + c.width * vocab,
+        "logit_scale": 1,
+    }
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def size_table_markdown(image_size: int = 256) -> str:
+    """The README's size table: tower shapes and exact trainable parameters (vocab 32000; tiny: 512)."""
+    def shape(t):
+        return f"{t.width}/{t.depth}/{t.mlp}/{t.heads}"
+
+    rows = ["| size | encoder W/D/MLP/H | params | decoder | params | text | params | caption | params | embed | total |",
+            "|---|---|---:|---|---:|---|---:|---|---:|---:|---:|"]
+    for name in SIZES:
+        cfg = get_config(name, image_size=image_size)
+        n = count_parameters(cfg)
+        rows.append(
+            f"| {name} | {shape(cfg.encoder)} | {n['encoder']:,} | {shape(cfg.decoder)} | {n['decoder']:,} | "
+            f"{shape(cfg.text)} | {n['text']:,} | {shape(cfg.caption)} | {n['caption']:,} | {cfg.embed_dim} | "
+            f"{n['total']:,} |"
+        )
+    return "\n".join(rows)

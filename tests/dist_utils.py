@@ -1,0 +1,47 @@
+"""Run a function on N gloo processes (each test passes its own port and a timeout)."""
+from __future__ import annotations
+
+import os
+import traceback
+
+import torch.multiprocessing as mp
+
+
+def _entry(rank, world, port, fn, args, errq):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        fn(rank, world, *args)
+    except BaseException:
+        errq.put((rank, traceback.format_exc()))
+        raise
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(fn, world: int, port: int, *args, timeout: float = 180.0) -> None:
+    """Spawn ``world`` processes running ``fn(rank, world, *args)``; raise with the first traceback."""
+    ctx = mp.get_context("spawn")
+    errq = ctx.SimpleQueue()
+    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, errq)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    if not errq.empty():
+        rank, tb = errq.get()
+        raise AssertionError(f"rank {rank} failed:\n{tb}")
+    if alive:
+        raise TimeoutError(f"{len(alive)} of {world} processes still running after {timeout}s")
+    bad = [p.exitcode for p in procs if p.exitcode != 0]
+    if bad:
+        raise AssertionError(f"process exit codes {bad}")

@@ -1,0 +1,79 @@
+"""Contrastive loss over the data-parallel group equals the single-process loss over the concatenated batch."""
+import pytest
+import torch
+
+from dist_utils import run_distributed
+
+pytestmark = pytest.mark.distributed
+
+B, E, WORLD = 3, 8, 2
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(WORLD * B, E, generator=g), torch.randn(WORLD * B, E, generator=g)
+
+
+def _reference():
+    from megatron_ov3.losses import contrastive_loss
+
+    img, txt = _data()
+    img.requires_grad_(True)
+    txt.requires_grad_(True)
+    scale = torch.tensor(10.0, requires_grad=True)
+    loss, _, _ = contrastive_loss(img, txt, scale, group=None)
+    loss.backward()
+    return loss.detach(), img.grad, txt.grad, scale.grad
+
+
+def _worker(rank, world, outdir):
+    import torch.distributed as dist
+
+    from megatron_ov3 import parallel
+    from megatron_ov3.losses import contrastive_loss
+
+    parallel.initialize_model_parallel(1, 1)
+    img, txt = _data()
+    img = img[rank * B:(rank + 1) * B].clone().requires_grad_(True)
+    txt = txt[rank * B:(rank + 1) * B].clone().requires_grad_(True)
+    scale = torch.tensor(10.0, requires_grad=True)
+    loss, _, _ = contrastive_loss(img, txt, scale, group=parallel.data_parallel_group())
+    loss.backward()
+    # data-parallel gradient averaging, as DeepSpeed/DDP do for parameters
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss)
+    mean_loss /= world
+    sg = scale.grad.clone()
+    dist.all_reduce(sg)
+    sg /= world
+    torch.save({"loss": mean_loss, "img": img.grad / world, "txt": txt.grad / world, "scale": sg},
+               f"{outdir}/rank{rank}.pt")
+
+
+def _tp_heads_worker(rank, world):
+    from megatron_ov3 import parallel
+    from megatron_ov3.models import ConfigError, TowerConfig, build_model, get_config
+
+    parallel.initialize_model_parallel(2, 1)
+    cfg = get_config("tiny", encoder=TowerConfig(63, 1, 126, 3))
+    try:
+        build_model(cfg)
+    except ConfigError as e:
+        assert "encoder.heads=3 is not divisible by --tensor-model-parallel-size 2" in str(e), str(e)
+    else:
+        raise AssertionError("TP=2 with 3 heads must be refused")
+
+
+def test_contrastive_matches_single_process(tmp_path):
+    run_distributed(_worker, WORLD, 29611, str(tmp_path), timeout=120)
+    ref_loss, ref_img, ref_txt, ref_scale = _reference()
+    for r in range(WORLD):
+        got = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        torch.testing.assert_close(got["loss"], ref_loss, atol=1e-6, rtol=0)
+        torch.testing.assert_close(got["img"], ref_img[r * B:(r + 1) * B], atol=1e-6, rtol=0)
+        torch.testing.assert_close(got["txt"], ref_txt[r * B:(r + 1) * B], atol=1e-6, rtol=0)
+        torch.testing.assert_close(got["scale"], ref_scale, atol=1e-6, rtol=0)
+
+
+def test_tensor_parallel_must_divide_heads():
+    run_distributed(_tp_heads_worker, 2, 29612, timeout=120)

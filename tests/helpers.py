@@ -1,0 +1,24 @@
+"""Small builders shared by tests: a tiny OV3 with its toy VAE and a synthetic batch."""
+import torch
+
+from megatron_ov3.models import FrozenVAE, LayerImplConfig, build_model, get_config
+
+
+def tiny_model(image_size=64, seed=0, impl=None, **overrides):
+    torch.manual_seed(seed)
+    cfg = get_config("tiny", image_size=image_size, **overrides)
+    return build_model(cfg, impl or LayerImplConfig(), vae=FrozenVAE.tiny(seed=seed))
+
+
+def random_batch(b=4, image_size=64, vocab=512, seed=0, text_len=80, caption_len=128, pad_from=None):
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(3, vocab, (b, text_len), generator=g)
+    cap = torch.randint(3, vocab, (b, caption_len), generator=g)
+    if pad_from is not None:
+        text[:, pad_from:] = 0
+        cap[:, pad_from:] = 0
+    return {
+        "images": torch.rand(b, 3, image_size, image_size, generator=g) * 2 - 1,
+        "text_ids": text,
+        "caption_ids": cap,
+    }

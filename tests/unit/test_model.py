@@ -1,0 +1,131 @@
+import math
+
+import pytest
+import torch
+
+from helpers import random_batch, tiny_model
+from megatron_ov3.models import LOSS_NAMES, FrozenVAE, get_config, build_model
+from megatron_ov3.models.decoder import patchify, per_sample_noise, unpatchify
+from megatron_ov3.models.posemb import sincos_2d
+
+
+def test_tower_shapes(mp1):
+    model = tiny_model(image_size=64)
+    cfg = model.cfg
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    z = model.vae.encode(x)
+    assert z.shape == (2, 16, 8, 8)
+    enc = model.encoder(z, output_hidden_states=True)
+    assert enc.tokens.shape == (2, 16, 64)
+    assert enc.pooled.shape == (2, 64)
+    assert enc.embedding.shape == (2, cfg.embed_dim)
+    assert len(enc.hidden_states) == cfg.encoder.depth + 1
+    assert all(h.shape == (2, 16, 64) for h in enc.hidden_states)
+    torch.testing.assert_close(enc.hidden_states[-1], enc.tokens)  # tokens are the raw last-block output
+    model.eval()
+    z_hat = model.decoder(enc.tokens)
+    assert z_hat.shape == z.shape
+    assert model.vae.decode(z_hat).shape == x.shape
+    assert model.text(torch.randint(1, 512, (2, 80))).shape == (2, cfg.embed_dim)
+    loss, n = model.caption(enc.tokens, torch.randint(1, 512, (2, 128)))
+    assert loss.dim() == 0 and n == 256
+
+
+def test_prefix_tokens_and_256px(mp1):
+    model = tiny_model(image_size=256, class_token=True, register_tokens=3)
+    enc = model.encoder(torch.randn(1, 16, 32, 32), output_hidden_states=True)
+    assert enc.tokens.shape == (1, 256, 64)  # prefix tokens stripped
+    assert enc.hidden_states[0].shape == (1, 260, 64)
+    assert enc.num_prefix_tokens == 4
+
+
+def test_forward_backward_losses_and_grads(mp1):
+    model = tiny_model()
+    model.train()
+    out = model(random_batch())
+    for name in ("total_loss", "contrastive_loss", "caption_loss", "latent_l1", "pixel_l1"):
+        assert torch.isfinite(out[name]), name
+    cfg = model.cfg
+    expected = cfg.reconstruction_weight * (out["pixel_l1"] + 0.4 * out["latent_l1"]) + out["caption_loss"] \
+        + out["contrastive_loss"]
+    torch.testing.assert_close(out["total_loss"], expected)
+    assert math.isclose(float(out["logit_scale"]), 1 / 0.07, rel_tol=1e-5)
+    out["total_loss"].backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all())]
+    assert not missing, missing
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    vae_params = list(model.vae.parameters())
+    assert vae_params and all(not p.requires_grad and p.grad is None for p in vae_params)
+    # the VAE is not part of the trainable module or its checkpoint
+    assert not any(k.startswith("vae") for k in model.state_dict())
+
+
+def test_pixel_loss_gradient_flows_through_vae_decoder(mp1):
+    vae = FrozenVAE.tiny()
+    z = torch.randn(2, 16, 8, 8, requires_grad=True)
+    vae.decode(z).abs().mean().backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    assert all(p.grad is None for p in vae.parameters())
+
+
+def test_vae_encode_is_scaled_posterior_mean(mp1):
+    vae = FrozenVAE.tiny()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    mean = vae.vae.encode(x).latent_dist.mean
+    torch.testing.assert_close(vae.encode(x), (mean - 0.1159) * 0.3611)
+    assert not vae.encode(x).requires_grad
+
+
+def test_vae_save_load_local(tmp_path, mp1):
+    vae = FrozenVAE.tiny(seed=3)
+    vae.save_pretrained(str(tmp_path / "vae"))
+    again = FrozenVAE.from_pretrained(str(tmp_path), subfolder="vae")
+    x = torch.rand(1, 3, 16, 16)
+    torch.testing.assert_close(vae.encode(x), again.encode(x))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        FrozenVAE.from_pretrained(str(tmp_path / "nope"))
+
+
+def test_sincos_interpolates_between_resolutions():
+    full = sincos_2d(64, 16, 16)
+    half = sincos_2d(64, 8, 16)
+    idx = [(2 * i) * 16 + 2 * j for i in range(8) for j in range(8)]
+    torch.testing.assert_close(half, full[idx])
+
+
+def test_patchify_roundtrip():
+    z = torch.randn(2, 16, 8, 8)
+    torch.testing.assert_close(unpatchify(patchify(z, 2), 2, 16), z)
+
+
+def test_decoder_noise_train_only_and_split_invariant(mp1):
+    x = torch.zeros(4, 16, 8)
+    seeds = torch.tensor([11, 12, 13, 14])
+    full = per_sample_noise(x, 0.8, seeds)
+    part = per_sample_noise(x[2:], 0.8, seeds[2:])
+    torch.testing.assert_close(full[2:], part)
+    model = tiny_model()
+    model.eval()
+    tok = torch.randn(2, 16, 64)
+    torch.testing.assert_close(model.decoder(tok), model.decoder(tok))
+
+
+def test_overfit_one_batch_lowers_every_loss(mp1):
+    torch.manual_seed(0)
+    model = tiny_model(image_size=32)
+    batch = random_batch(b=8, image_size=32, pad_from=20)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3, weight_decay=0.0)
+    model.train()
+    first = None
+    for step in range(30):
+        out = model(batch)
+        if first is None:
+            first = {k: float(out[k]) for k in LOSS_NAMES if k in out}
+        opt.zero_grad()
+        out["total_loss"].backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        last = {k: float(v) for k, v in model(batch).items() if k in first}
+    for k in first:
+        assert last[k] < first[k], (k, first[k], last[k])
