@@ -21,6 +21,7 @@ setup(
         "safetensors",
         "sentencepiece>=0.2",
         "webdataset>=0.2.86",
+        "braceexpand",
         "pillow",
         "numpy",
         "pyyaml",

@@ -1,0 +1,72 @@
+"""Run the frozen VAE once over image shards and write latent shards (fp16 latents + caption).
+
+Output shards keep the input shard names, are written atomically (``.tmp`` then rename) and are skipped when
+already present, so an interrupted run resumes where it stopped. Several processes (``rank``/``world``, e.g.
+one per GPU via torchrun) take disjoint shards (every world-th). Training detects latent shards by their
+``.latent.npy`` members and then skips the VAE encoder.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from typing import Dict, List
+
+import torch
+
+from .pipeline import decode_image
+from .shards import ShardWriter, caption_of, encode_latent, expand_urls, image_bytes, iter_tar_samples
+
+
+def cache_latents(data_path: str, out_dir: str, vae, image_size: int, batch_size: int = 32, rank: int = 0,
+                  world: int = 1, device: str = "cpu", progress: bool = True) -> Dict:
+    from tqdm import tqdm
+
+    shards: List[str] = [u for src in expand_urls(data_path) for u in src]
+    for u in shards:
+        if not os.path.isfile(u):
+            raise FileNotFoundError(f"input shard {u!r} does not exist")
+    names = [os.path.basename(u) for u in shards]
+    if len(set(names)) != len(names):
+        raise ValueError("input shards from different folders share file names; cache each source separately")
+    os.makedirs(out_dir, exist_ok=True)
+    mine = shards[rank::world]
+    stats: Counter = Counter()
+    vae = vae.to(device)
+    for url in tqdm(mine, desc=f"latents[rank {rank}]", unit="shard", disable=not progress):
+        name = os.path.basename(url)
+        if os.path.exists(os.path.join(out_dir, name)):
+            stats["shards_skipped_existing"] += 1
+            continue
+        with ShardWriter(out_dir, name=name, record_sizes=False) as writer:
+            pending = []
+
+            def flush():
+                if not pending:
+                    return
+                imgs = torch.stack([p[1] for p in pending]).to(device)
+                with torch.no_grad():
+                    lat = vae.encode(imgs).cpu().numpy()
+                for (key, _, cap), z in zip(pending, lat):
+                    writer.write(key, {"latent.npy": encode_latent(z), "txt": cap.encode()})
+                stats["samples"] += len(pending)
+                pending.clear()
+
+            for smp in iter_tar_samples(url, lambda *a: stats.update(["bad_shard"])):
+                data, cap = image_bytes(smp), caption_of(smp)
+                if data is None:
+                    stats["missing_image"] += 1
+                    continue
+                if cap is None or not cap.strip():
+                    stats["missing_or_empty_caption"] += 1
+                    continue
+                img = decode_image(data, image_size)
+                if img is None:
+                    stats["bad_image"] += 1
+                    continue
+                pending.append((smp["__key__"], img, cap.strip()))
+                if len(pending) == batch_size:
+                    flush()
+            flush()
+        stats["shards_written"] += 1
+    return dict(stats)
+

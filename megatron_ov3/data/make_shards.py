@@ -1,0 +1,123 @@
+"""Build image-text shards from a folder, a table (CSV/TSV/parquet) or existing tars; validate images."""
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections import Counter
+from typing import Dict, Iterator, List, Optional, Tuple
+
+from .shards import ShardWriter, caption_of, expand_urls, image_bytes, iter_tar_samples
+
+IMG_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def _validate_image(data: bytes) -> Optional[Tuple[int, int, str]]:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return im.size[0], im.size[1], (im.format or "jpeg").lower()
+    except Exception:
+        return None
+
+
+def from_folder(folder: str) -> Iterator[Tuple[str, Optional[bytes], Optional[str]]]:
+    """(key, image bytes, caption) for every image in ``folder`` (recursive) with a same-named .txt."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"input folder {folder!r} does not exist")
+    files = []
+    for root, _, names in os.walk(folder):
+        for n in names:
+            if n.lower().endswith(IMG_SUFFIXES):
+                files.append(os.path.join(root, n))
+    if not files:
+        raise ValueError(f"input folder {folder!r} contains no .jpg/.jpeg/.png/.webp images")
+    for path in sorted(files):
+        txt = os.path.splitext(path)[0] + ".txt"
+        caption = open(txt, encoding="utf-8", errors="replace").read() if os.path.isfile(txt) else None
+        with open(path, "rb") as f:
+            yield os.path.relpath(path, folder), f.read(), caption
+
+
+def from_table(path: str, path_column: str = "path", caption_column: str = "caption"):
+    """(key, image bytes, caption) from a CSV/TSV/parquet of local image paths (relative to the table)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"table {path!r} does not exist")
+    if path.endswith(".parquet"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ValueError("reading parquet needs pyarrow: pip install pyarrow") from None
+        rows = pq.read_table(path).to_pylist()
+        columns = set(rows[0]) if rows else set()
+    else:
+        delim = "\t" if path.endswith((".tsv", ".tab")) else ","
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, delimiter=delim)
+            columns = set(reader.fieldnames or [])
+            rows = list(reader)
+    missing = [c for c in (path_column, caption_column) if c not in columns]
+    if missing:
+        raise ValueError(
+            f"table {path!r} has no column(s) {missing}; it has {sorted(columns)} "
+            f"(choose with --path-column / --caption-column)"
+        )
+    base = os.path.dirname(os.path.abspath(path))
+    for i, row in enumerate(rows):
+        p = str(row[path_column])
+        if "://" in p:
+            raise ValueError(f"row {i}: {p!r} is a URL; make_shards reads local files only")
+        full = p if os.path.isabs(p) else os.path.join(base, p)
+        data = open(full, "rb").read() if os.path.isfile(full) else None
+        yield f"{i:09d}", data, row[caption_column]
+
+
+def from_tars(spec: str):
+    """(key, image bytes, caption) of every sample in existing shards (for re-sharding)."""
+    errors: List[str] = []
+    for source in expand_urls(spec):
+        for url in source:
+            if not os.path.isfile(url):
+                raise FileNotFoundError(f"shard {url!r} does not exist")
+            for smp in iter_tar_samples(url, lambda *a: errors.append(a[1])):
+                yield f"{os.path.basename(url)}-{smp['__key__']}", image_bytes(smp), caption_of(smp)
+
+
+def write_shards(samples, out_dir: str, samples_per_shard: int, prefix: str = "shard", progress: bool = True) -> Dict:
+    """Validate and write samples; returns stats (written, skipped per reason, sizes, caption/image stats)."""
+    from tqdm import tqdm
+
+    skipped: Counter = Counter()
+    n_ok, cap_len, widths, heights = 0, 0, 0, 0
+    with ShardWriter(out_dir, samples_per_shard, prefix=prefix) as w:
+        for key, data, caption in tqdm(samples, desc="samples", unit="img", disable=not progress):
+            if data is None:
+                skipped["missing_image"] += 1
+                continue
+            meta = _validate_image(data)
+            if meta is None:
+                skipped["bad_image"] += 1
+                continue
+            if caption is None:
+                skipped["missing_caption"] += 1
+                continue
+            caption = caption.strip()
+            if not caption:
+                skipped["empty_caption"] += 1
+                continue
+            ext = {"jpeg": "jpg", "mpo": "jpg"}.get(meta[2], meta[2])
+            if ext not in ("jpg", "png", "webp"):
+                ext = "jpg"
+            w.write(key.replace(".", "_").replace("/", "_"), {ext: data, "txt": caption.encode()})
+            n_ok += 1
+            cap_len += len(caption.split())
+            widths += meta[0]
+            heights += meta[1]
+    stats = {
+        "written": n_ok, "skipped": dict(skipped), "shards": len(w.sizes), "sizes": w.sizes,
+        "mean_caption_words": cap_len / max(n_ok, 1), "mean_width": widths / max(n_ok, 1),
+        "mean_height": heights / max(n_ok, 1),
+    }
+    return stats

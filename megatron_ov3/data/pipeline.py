@@ -1,0 +1,338 @@
+"""The training data pipeline: tar shards -> shuffled, decoded, tokenized micro-batches; exactly resumable.
+
+Determinism and splitting
+    For source s and epoch e the shard list is permuted with (seed, s, e); data-parallel rank r of R with
+    loader worker w of W reads every (R*W)-th shard starting at r*W + w. Tensor- and pipeline-parallel ranks of
+    one replica share the data-parallel rank, so they read identical batches. With ``resample`` each worker
+    instead draws shards with replacement from its own seeded RNG (no coverage guarantee, no epochs).
+    Several sources (``a::b``) are mixed per sample by a seeded weighted choice. A shuffle buffer (seeded per
+    rank and worker) reorders raw samples; decoding happens after it.
+
+Exact resume without re-decoding
+    Workers carry a *raw position* (raw samples drawn from the shuffle buffer, good or bad) with every batch;
+    the loader records the last one per worker together with the number of batches consumed. Resuming
+    replays each worker's raw stream (tar reads and buffer shuffles only) past its recorded position, then
+    decodes from there; worker roles are rotated so the first batch comes from the worker that was next.
+
+Bad data
+    Unreadable shards, undecodable/truncated images, missing or empty captions, bad latents are skipped and
+    counted per reason; the counts travel with the batches and are reported by the training log.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import random
+import zlib
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .shards import caption_of, decode_latent, expand_urls, image_bytes, iter_tar_samples, sample_kind
+
+REASONS = ("bad_shard", "bad_image", "missing_image", "missing_caption", "empty_caption", "bad_latent", "wrong_kind")
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how it becomes batches."""
+
+    data_path: str
+    """Shard URLs, brace notation, several sources joined with '::' (e.g. 'a/{000..099}.tar::b/{00..09}.tar')."""
+    tokenizer: str
+    """Path of the sentencepiece model (tools/train_tokenizer.py)."""
+    micro_batch_size: int = 8
+    """Samples per batch on one data-parallel rank."""
+    image_size: int = 256
+    """Resolution of the current stage; images are resized (shorter side) and cropped to it."""
+    data_weights: Optional[List[float]] = None
+    """Sampling weight per source (default: equal)."""
+    resample: bool = False
+    """Draw shards with replacement (infinite, no epochs) instead of epoch-wise disjoint splitting."""
+    epochs: Optional[int] = None
+    """Stop after this many passes over the data (None: endless, as for training by iterations)."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank (0: load in the main process)."""
+    shuffle_buffer: int = 1000
+    """Samples held by the shuffle buffer of each worker (0 or 1: no shuffling)."""
+    seed: int = 1234
+    """Seed of shard permutations, source mixing, shuffling and random crops."""
+    random_crop: bool = False
+    """Random instead of center crop after the shorter-side resize."""
+    text_length: int = 80
+    """Token length of text-encoder inputs."""
+    caption_length: int = 128
+    """Token length of caption-decoder inputs."""
+
+    def __post_init__(self):
+        if self.micro_batch_size < 1:
+            raise ValueError(f"--micro-batch-size must be >= 1, got {self.micro_batch_size}")
+        if self.image_size % 16:
+            raise ValueError(f"image size {self.image_size} is not a multiple of 16")
+        if self.num_workers < 0:
+            raise ValueError("--num-workers must be >= 0")
+        sources = self.data_path.split("::")
+        if self.data_weights is not None:
+            if len(self.data_weights) != len([s for s in sources if s.strip()]):
+                raise ValueError(
+                    f"--data-weights has {len(self.data_weights)} values for {len(sources)} sources in --data-path"
+                )
+            if any(w <= 0 for w in self.data_weights):
+                raise ValueError("--data-weights must all be > 0")
+
+
+def _rng(*parts) -> random.Random:
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "little"))
+
+
+def noise_seed(seed: int, url: str, key: str, epoch: int) -> int:
+    """Per-sample seed for the decoder noise: depends on the sample and its epoch, not on the data split."""
+    return zlib.crc32(f"{seed}/{url}/{key}/{epoch}".encode()) & 0x7FFFFFFF
+
+
+class ShardStream(IterableDataset):
+    """Iterable of collated micro-batches for one data-parallel rank (see module docstring)."""
+
+    def __init__(self, cfg: DataConfig, dp_rank: int = 0, dp_size: int = 1, raw_pos: Optional[List[int]] = None,
+                 bad: Optional[List[List[int]]] = None, worker_offset: int = 0):
+        super().__init__()
+        from .tokenizer import Tokenizer
+
+        self.cfg = cfg
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.sources = expand_urls(cfg.data_path)
+        self.weights = cfg.data_weights or [1.0] * len(self.sources)
+        self.num_logical = max(1, cfg.num_workers)
+        slots = dp_size * self.num_logical
+        if not cfg.resample:
+            for i, shards in enumerate(self.sources):
+                if len(shards) < slots:
+                    raise ValueError(
+                        f"source {i + 1} has {len(shards)} shards, fewer than data-parallel size {dp_size} x "
+                        f"{self.num_logical} workers = {slots}; reshard into more, smaller shards "
+                        f"(tools/make_shards.py --samples-per-shard) or use --data-resample"
+                    )
+        self.raw_pos = list(raw_pos or [0] * self.num_logical)
+        self.bad = [list(b) for b in (bad or [[0] * len(REASONS) for _ in range(self.num_logical)])]
+        self.worker_offset = worker_offset
+        self.tokenizer = Tokenizer(cfg.tokenizer)
+
+    # ---- raw stream of one logical worker ----
+    def _source_stream(self, s: int, w: int, on_error) -> Iterator[dict]:
+        shards = self.sources[s]
+        cfg = self.cfg
+        if cfg.resample:
+            rng = _rng(cfg.seed, "resample", s, self.dp_rank, w)
+            for draw in itertools.count():
+                url = shards[rng.randrange(len(shards))]
+                for smp in iter_tar_samples(url, on_error):
+                    smp["__epoch__"] = draw
+                    yield smp
+            return
+        slot, stride = self.dp_rank * self.num_logical + w, self.dp_size * self.num_logical
+        epochs = itertools.count() if cfg.epochs is None else range(cfg.epochs)
+        for epoch in epochs:
+            order = list(shards)
+            _rng(cfg.seed, "shards", s, epoch).shuffle(order)
+            for url in order[slot::stride]:
+                for smp in iter_tar_samples(url, on_error):
+                    smp["__epoch__"] = epoch
+                    yield smp
+
+    def _raw_stream(self, w: int, on_error) -> Iterator[dict]:
+        streams = [self._source_stream(s, w, on_error) for s in range(len(self.sources))]
+        if len(streams) == 1:
+            mixed = streams[0]
+        else:
+            mixed = self._mix(streams, _rng(self.cfg.seed, "mix", self.dp_rank, w))
+        size = self.cfg.shuffle_buffer
+        if size <= 1:
+            yield from mixed
+            return
+        rng = _rng(self.cfg.seed, "shuffle", self.dp_rank, w)
+        buf: List[dict] = []
+        for smp in mixed:
+            if len(buf) < size:
+                buf.append(smp)
+                continue
+            i = rng.randrange(size)
+            buf[i], smp = smp, buf[i]
+            yield smp
+        rng.shuffle(buf)
+        yield from buf
+
+    def _mix(self, streams, rng):
+        active = list(range(len(streams)))
+        while active:
+            s = rng.choices(active, weights=[self.weights[i] for i in active])[0]
+            try:
+                yield next(streams[s])
+            except StopIteration:
+                active.remove(s)
+
+    # ---- decoding ----
+    def _decode(self, smp: dict, kind_holder: list, count):
+        cfg = self.cfg
+        kind = sample_kind(smp)
+        if kind is None:
+            return count("missing_image")
+        if kind_holder[0] is None:
+            kind_holder[0] = kind
+        elif kind != kind_holder[0]:
+            return count("wrong_kind")
+        caption = caption_of(smp)
+        if caption is None:
+            return count("missing_caption")
+        caption = caption.strip()
+        if not caption:
+            return count("empty_caption")
+        out = {}
+        if kind == "image":
+            img = decode_image(image_bytes(smp), cfg.image_size,
+                               _rng(cfg.seed, "crop", smp["__url__"], smp["__key__"], smp["__epoch__"])
+                               if cfg.random_crop else None)
+            if img is None:
+                return count("bad_image")
+            out["images"] = img
+        else:
+            try:
+                lat = decode_latent(smp["latent.npy"])
+            except Exception:
+                return count("bad_latent")
+            side = cfg.image_size // 8
+            if lat.ndim != 3 or lat.shape[1:] != (side, side):
+                raise ValueError(
+                    f"latent shard {smp['__url__']} holds latents of shape {lat.shape}, but this stage trains at "
+                    f"{cfg.image_size}px (expects (16, {side}, {side})); re-run tools/cache_latents.py "
+                    f"--image-size {cfg.image_size}"
+                )
+            out["latents"] = torch.from_numpy(lat.astype(np.float32))
+        out["text_ids"] = torch.from_numpy(self.tokenizer.encode(caption, cfg.text_length))
+        out["caption_ids"] = torch.from_numpy(self.tokenizer.encode(caption, cfg.caption_length))
+        out["noise_seeds"] = torch.tensor(noise_seed(cfg.seed, smp["__url__"], smp["__key__"], smp["__epoch__"]))
+        return out
+
+    def __iter__(self):
+        info = get_worker_info()
+        physical = info.id if info is not None else 0
+        if info is not None and info.num_workers != self.num_logical:
+            raise RuntimeError("worker count changed after the stream was built")
+        w = (physical + self.worker_offset) % self.num_logical
+        bad = list(self.bad[w])
+
+        replaying = [True]
+
+        def count(reason, *_):
+            if not replaying[0]:  # counts of the replayed part are already in the restored state
+                bad[REASONS.index(reason)] += 1
+            return None
+
+        raw = self._raw_stream(w, count)
+        pos = self.raw_pos[w]
+        # replay (read + shuffle, no decode) past what was already consumed
+        for _ in itertools.islice(raw, pos):
+            pass
+        replaying[0] = False
+        kind_holder = [None]
+        batch: List[dict] = []
+        for smp in raw:
+            pos += 1
+            dec = self._decode(smp, kind_holder, count)
+            if dec is None:
+                continue
+            batch.append(dec)
+            if len(batch) == self.cfg.micro_batch_size:
+                out = {k: torch.stack([b[k] for b in batch]) for k in batch[0]}
+                yield self._status(out, w, pos, bad)
+                batch = []
+        # finite mode: a final partial batch is dropped (fixed shapes); a status-only item carries the counts
+        # of the samples read after the last full batch
+        yield self._status({"_status_only": torch.tensor(1)}, w, pos, bad)
+
+    @staticmethod
+    def _status(out, w, pos, bad):
+        out["_worker"] = torch.tensor(w)
+        out["_raw_pos"] = torch.tensor(pos)
+        out["_bad"] = torch.tensor(bad)
+        return out
+
+
+def decode_image(data: bytes, size: int, rng: Optional[random.Random] = None) -> Optional[torch.Tensor]:
+    """Bytes -> (3, size, size) float in [-1, 1]: RGB, shorter side resized (bicubic), center/random crop.
+    None when the image cannot be decoded (corrupt or truncated)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            im = im.convert("RGB")
+            w, h = im.size
+            if w < 1 or h < 1:
+                return None
+            s = size / min(w, h)
+            nw, nh = max(size, round(w * s)), max(size, round(h * s))
+            im = im.resize((nw, nh), Image.BICUBIC)
+            if rng is None:
+                left, top = (nw - size) // 2, (nh - size) // 2
+            else:
+                left, top = rng.randint(0, nw - size), rng.randint(0, nh - size)
+            im = im.crop((left, top, left + size, top + size))
+            arr = np.asarray(im, dtype=np.uint8)
+    except Exception:
+        return None
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+class DataIterator:
+    """Yields model batches for one rank and keeps the resumable data position (``state_dict``)."""
+
+    def __init__(self, cfg: DataConfig, dp_rank: int = 0, dp_size: int = 1, state: Optional[dict] = None):
+        self.cfg, self.dp_rank, self.dp_size = cfg, dp_rank, dp_size
+        n = max(1, cfg.num_workers)
+        state = state or {}
+        if state and len(state.get("raw_pos", [])) != n:
+            raise ValueError(
+                f"checkpoint data position was saved with {len(state['raw_pos'])} loader workers; resume with "
+                f"--num-workers {len(state['raw_pos'])} for an exact continuation"
+            )
+        self.consumed_batches = int(state.get("consumed_batches", 0))
+        self.raw_pos = list(state.get("raw_pos", [0] * n))
+        self.bad = [list(b) for b in state.get("bad", [[0] * len(REASONS)] * n)]
+        self._it = None
+
+    def _make(self):
+        n = max(1, self.cfg.num_workers)
+        ds = ShardStream(self.cfg, self.dp_rank, self.dp_size, self.raw_pos, self.bad,
+                         worker_offset=self.consumed_batches % n)
+        loader = DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers,
+                            persistent_workers=False, prefetch_factor=2 if self.cfg.num_workers else None)
+        return iter(loader)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Dict[str, torch.Tensor]:
+        if self._it is None:
+            self._it = self._make()
+        while True:
+            batch = next(self._it)
+            w = int(batch.pop("_worker"))
+            self.raw_pos[w] = int(batch.pop("_raw_pos"))
+            self.bad[w] = batch.pop("_bad").tolist()
+            if "_status_only" not in batch:
+                break
+        self.consumed_batches += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"consumed_batches": self.consumed_batches, "raw_pos": list(self.raw_pos),
+                "bad": [list(b) for b in self.bad]}
+
+    def bad_counts(self) -> Dict[str, int]:
+        """Skipped samples per reason, summed over workers (since the start of training)."""
+        return {r: sum(b[i] for b in self.bad) for i, r in enumerate(REASONS)}

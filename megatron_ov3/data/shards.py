@@ -1,0 +1,168 @@
+"""Reading and writing image-text tar shards (img2dataset / webdataset layout).
+
+A sample is a group of tar members sharing a key: ``KEY.jpg|jpeg|png|webp`` (image shards) or
+``KEY.latent.npy`` (latent shards, fp16 (16, h, w), see tools/cache_latents.py), ``KEY.txt`` (caption) and an
+optional ``KEY.json``. URLs use brace notation (``data/{000..099}.tar``); several sources are joined with ``::``.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import tarfile
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import braceexpand
+import numpy as np
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+LATENT_EXT = "latent.npy"
+
+
+def expand_urls(spec: str) -> List[List[str]]:
+    """``"a/{0..3}.tar::b/*.tar"`` -> one list of shard paths per source (brace and glob expansion)."""
+    sources = []
+    for part in spec.split("::"):
+        part = part.strip()
+        if not part:
+            continue
+        paths: List[str] = []
+        for p in braceexpand.braceexpand(part):
+            matches = sorted(glob.glob(p)) if any(c in p for c in "*?[") else [p]
+            paths.extend(matches)
+        sources.append(paths)
+    if not sources:
+        raise ValueError(f"data path {spec!r} names no shards; give e.g. 'shards/{{00000..00009}}.tar'")
+    return sources
+
+
+def iter_tar_samples(path: str, on_error) -> Iterator[Dict[str, bytes]]:
+    """Raw samples ``{"__key__", "__url__", ext: bytes}`` of one tar; a missing/unreadable/truncated shard
+    calls ``on_error("bad_shard", path, exc)`` and ends (samples before the damage are kept)."""
+    try:
+        with open(path, "rb") as stream:
+            members = tar_file_iterator(stream)
+            for sample in group_by_keys(({**m, "__url__": path} for m in members)):
+                yield sample
+    except (OSError, tarfile.TarError, EOFError, ValueError) as e:
+        on_error("bad_shard", path, e)
+
+
+def sample_kind(sample: Dict) -> Optional[str]:
+    """'latent', 'image' or None (no usable payload)."""
+    if LATENT_EXT in sample:
+        return "latent"
+    if any(e in sample for e in IMAGE_EXTS):
+        return "image"
+    return None
+
+
+def image_bytes(sample: Dict) -> Optional[bytes]:
+    for e in IMAGE_EXTS:
+        if e in sample:
+            return sample[e]
+    return None
+
+
+def caption_of(sample: Dict) -> Optional[str]:
+    """Caption from ``.txt``, else ``caption``/``text`` in ``.json``; None when absent."""
+    if "txt" in sample:
+        return sample["txt"].decode("utf-8", errors="replace")
+    if "json" in sample:
+        try:
+            meta = json.loads(sample["json"])
+        except ValueError:
+            return None
+        for k in ("caption", "text"):
+            if isinstance(meta.get(k), str):
+                return meta[k]
+    return None
+
+
+def encode_latent(latent: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, latent.astype(np.float16), allow_pickle=False)
+    return buf.getvalue()
+
+
+def decode_latent(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+class ShardWriter:
+    """Writes numbered tar shards ``{prefix}-{i:05d}.tar`` of at most ``samples_per_shard`` samples each, plus
+    ``sizes.json`` (shard name -> sample count). Each shard is written to ``.tmp`` and renamed when complete,
+    so an interrupted run never leaves a truncated shard under a final name."""
+
+    def __init__(self, out_dir: str, samples_per_shard: int = 1000, prefix: str = "shard", start_index: int = 0,
+                 name: Optional[str] = None, record_sizes: bool = True):
+        """``name``: write exactly one shard with this file name (no size limit; created even when empty).
+        ``record_sizes``: merge the counts into ``sizes.json`` on close (off when processes write in parallel)."""
+        if samples_per_shard < 1:
+            raise ValueError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
+        os.makedirs(out_dir, exist_ok=True)
+        self.out_dir, self.per_shard, self.prefix = out_dir, samples_per_shard, prefix
+        self.index = start_index
+        self.sizes: Dict[str, int] = {}
+        self.fixed_name, self.record_sizes = name, record_sizes
+        if name is not None:
+            self.per_shard = float("inf")
+        self._tar = None
+        self._count = 0
+
+    def _open(self):
+        name = self.fixed_name or f"{self.prefix}-{self.index:05d}.tar"
+        self._name = name
+        self._tmp = os.path.join(self.out_dir, name + ".tmp")
+        self._tar = tarfile.open(self._tmp, "w")
+        self._count = 0
+
+    def _close(self):
+        if self._tar is None:
+            return
+        self._tar.close()
+        os.replace(self._tmp, os.path.join(self.out_dir, self._name))
+        self.sizes[self._name] = self._count
+        self._tar = None
+        self.index += 1
+
+    def write(self, key: str, files: Dict[str, bytes]) -> None:
+        if self._tar is None:
+            self._open()
+        for ext, data in files.items():
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(data)
+            info.mtime = 0
+            self._tar.addfile(info, io.BytesIO(data))
+        self._count += 1
+        if self._count >= self.per_shard:
+            self._close()
+
+    def close(self) -> Dict[str, int]:
+        if self.fixed_name is not None and self._tar is None and not self.sizes:
+            self._open()  # a named shard exists even when no sample survived
+        self._close()
+        if not self.record_sizes:
+            return self.sizes
+        path = os.path.join(self.out_dir, "sizes.json")
+        sizes = {}
+        if os.path.exists(path):
+            with open(path) as f:
+                sizes = json.load(f)
+        sizes.update(self.sizes)
+        with open(path + ".tmp", "w") as f:
+            json.dump(sizes, f, indent=1, sort_keys=True)
+        os.replace(path + ".tmp", path)
+        return self.sizes
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            self.close()
+        elif self._tar is not None:  # leave no partial shard behind
+            self._tar.close()
+            os.remove(self._tmp)

@@ -1,0 +1,109 @@
+"""Each data tool's CLI end to end on small data, and its bad inputs: one-line error, exit code 2."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def tool(name, *args):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", name), *map(str, args)],
+                       capture_output=True, text=True, timeout=300)
+    return r.returncode, r.stdout, r.stderr
+
+
+def assert_usage_error(rc, err, fragment):
+    assert rc == 2, err
+    lines = [l for l in err.strip().splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and fragment in lines[0], err
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    from megatron_ov3.data.synthetic import synthetic_sample
+    import random
+
+    d = tmp_path_factory.mktemp("imgs")
+    rng = random.Random(0)
+    rows = []
+    for i in range(10):
+        jpg, cap = synthetic_sample(rng, 40)
+        (d / f"img{i}.jpg").write_bytes(jpg)
+        if i != 9:
+            (d / f"img{i}.txt").write_text(cap)
+        rows.append({"path": f"img{i}.jpg", "caption": cap})
+    (d / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    (d / "broken.txt").write_text("a broken image")
+    with open(d / "table.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, ["path", "caption"])
+        w.writeheader()
+        w.writerows(rows)
+    return d
+
+
+def test_make_shards_from_folder(images, tmp_path):
+    rc, out, err = tool("make_shards.py", "--input-dir", images, "--output-dir", tmp_path / "o",
+                        "--samples-per-shard", 4, "--no-progress")
+    assert rc == 0, err
+    stats = json.loads((tmp_path / "o" / "stats.json").read_text())
+    assert stats["written"] == 9 and stats["skipped"] == {"bad_image": 1, "missing_caption": 1}
+    sizes = json.loads((tmp_path / "o" / "sizes.json").read_text())
+    assert sizes == {"shard-00000.tar": 4, "shard-00001.tar": 4, "shard-00002.tar": 1}
+    # re-shard the result
+    rc, out, err = tool("make_shards.py", "--input-shards", str(tmp_path / "o" / "shard-{00000..00002}.tar"),
+                        "--output-dir", tmp_path / "r", "--samples-per-shard", 3, "--no-progress")
+    assert rc == 0, err
+    assert json.loads((tmp_path / "r" / "stats.json").read_text())["written"] == 9
+
+
+def test_make_shards_from_table(images, tmp_path):
+    rc, out, err = tool("make_shards.py", "--input-table", images / "table.csv", "--output-dir", tmp_path / "t",
+                        "--no-progress")
+    assert rc == 0, err
+    assert json.loads((tmp_path / "t" / "stats.json").read_text())["written"] == 10
+
+
+def test_make_shards_bad_inputs(images, tmp_path):
+    rc, _, err = tool("make_shards.py", "--input-dir", tmp_path / "nope", "--output-dir", tmp_path / "x")
+    assert_usage_error(rc, err, "does not exist")
+    rc, _, err = tool("make_shards.py", "--input-table", images / "table.csv", "--caption-column", "text",
+                      "--output-dir", tmp_path / "y")
+    assert_usage_error(rc, err, "no column(s) ['text']")
+    rc, _, err = tool("make_shards.py", "--input-dir", images, "--output-dir", tmp_path / "z",
+                      "--samples-per-shard", 0)
+    assert_usage_error(rc, err, "--samples-per-shard must be >= 1")
+    rc, _, err = tool("make_shards.py", "--output-dir", tmp_path / "z")
+    assert rc == 2 and "one of the arguments" in err
+
+
+def test_synthetic_tokenizer_cache_bench(tmp_path):
+    rc, out, err = tool("make_synthetic_data.py", "--output-dir", tmp_path / "s", "--num-samples", 40,
+                        "--samples-per-shard", 10, "--image-size", 32)
+    assert rc == 0, err
+    spec = str(tmp_path / "s" / "synthetic-{00000..00003}.tar")
+    rc, out, err = tool("train_tokenizer.py", "--data-path", spec, "--output-prefix", tmp_path / "tok",
+                        "--vocab-size", 64)
+    assert rc == 0 and (tmp_path / "tok.model").exists(), err
+    rc, out, err = tool("cache_latents.py", "--data-path", spec, "--output-dir", tmp_path / "lat",
+                        "--image-size", 32, "--tiny-vae", "--rank", 1, "--world-size", 2)
+    assert rc == 0, err
+    assert sorted(os.listdir(tmp_path / "lat")) == ["synthetic-00001.tar", "synthetic-00003.tar"]
+    rc, out, err = tool("bench_data.py", "--image-shards", spec, "--tokenizer", tmp_path / "tok.model",
+                        "--image-size", 32, "--micro-batch-size", 4, "--batches", 3, "--num-workers", 1, "--json")
+    assert rc == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["image"]["samples_per_s"] > 0
+
+
+def test_tool_bad_inputs(tmp_path):
+    rc, _, err = tool("train_tokenizer.py", "--text-file", tmp_path / "none.txt", "--output-prefix", tmp_path / "t")
+    assert_usage_error(rc, err, "does not exist")
+    rc, _, err = tool("cache_latents.py", "--data-path", tmp_path / "x.tar", "--output-dir", tmp_path / "o",
+                      "--image-size", 32, "--tiny-vae")
+    assert_usage_error(rc, err, "does not exist")
+    rc, _, err = tool("cache_latents.py", "--data-path", tmp_path / "x.tar", "--output-dir", tmp_path / "o",
+                      "--image-size", 30, "--tiny-vae")
+    assert_usage_error(rc, err, "not a multiple of 16")

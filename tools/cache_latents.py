@@ -1,0 +1,45 @@
+#!/usr/bin/env python
+"""Encode image shards once with the frozen VAE into latent shards (fp16 latents + captions).
+
+Resumable (finished shards are skipped), atomic per shard, and parallel: run one process per GPU with
+torchrun (RANK/WORLD_SIZE) or pass --rank/--world-size; processes take disjoint shards."""
+import os
+
+import _bootstrap  # noqa: F401
+from megatron_ov3.cli import Parser, UsageError, exit_with
+
+
+def main(argv=None):
+    p = Parser(description=__doc__)
+    p.add_argument("--data-path", required=True, help="image shards (brace notation, '::' joins)")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--image-size", type=int, required=True, help="resolution of the training stage")
+    vae = p.add_mutually_exclusive_group(required=True)
+    vae.add_argument("--vae-path", help="local diffusers AutoencoderKL folder (e.g. FLUX.1-dev/vae)")
+    vae.add_argument("--tiny-vae", action="store_true", help="random-init toy VAE of FLUX structure (tests)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--rank", type=int, default=int(os.environ.get("RANK", 0)))
+    p.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)))
+    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when available, else cpu")
+    p.add_argument("--bf16", action="store_true", help="run the VAE in bfloat16")
+    args = p.parse_args(argv)
+    if args.image_size % 16:
+        raise UsageError(f"--image-size {args.image_size} is not a multiple of 16")
+    if not 0 <= args.rank < args.world_size:
+        raise UsageError(f"--rank {args.rank} must lie in [0, --world-size {args.world_size})")
+    import torch
+
+    from megatron_ov3.data.latent_cache import cache_latents
+    from megatron_ov3.models import FrozenVAE
+
+    device = args.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    model = FrozenVAE.tiny() if args.tiny_vae else FrozenVAE.from_pretrained(args.vae_path)
+    if args.bf16:
+        model = model.to(torch.bfloat16)
+    stats = cache_latents(args.data_path, args.output_dir, model, args.image_size, args.batch_size,
+                          args.rank, args.world_size, device)
+    print(f"rank {args.rank}: {stats}")
+
+
+if __name__ == "__main__":
+    exit_with(main)

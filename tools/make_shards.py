@@ -1,0 +1,47 @@
+#!/usr/bin/env python
+"""Write image-text tar shards (img2dataset layout) from a folder of images with same-named .txt captions,
+from a CSV/TSV/parquet of (local image path, caption), or by re-sharding existing tars. Images are validated;
+bad samples are skipped and counted; a sizes.json and stats.json are written next to the shards."""
+import json
+import os
+
+import _bootstrap  # noqa: F401
+from megatron_ov3.cli import Parser, UsageError, exit_with
+
+
+def main(argv=None):
+    p = Parser(description=__doc__)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input-dir", help="folder of images with same-named .txt captions (recursive)")
+    src.add_argument("--input-table", help="CSV/TSV/parquet with an image-path column and a caption column")
+    src.add_argument("--input-shards", help="existing shards to re-shard (brace notation, '::' joins)")
+    p.add_argument("--path-column", default="path")
+    p.add_argument("--caption-column", default="caption")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--prefix", default="shard", help="shard file prefix: PREFIX-00000.tar")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    from megatron_ov3.data import make_shards as ms
+
+    if args.samples_per_shard < 1:
+        raise UsageError(f"--samples-per-shard must be >= 1, got {args.samples_per_shard}")
+    if os.path.isdir(args.output_dir) and any(f.endswith(".tar") for f in os.listdir(args.output_dir)):
+        raise UsageError(f"--output-dir {args.output_dir!r} already holds shards; choose an empty folder")
+    if args.input_dir:
+        samples = ms.from_folder(args.input_dir)
+    elif args.input_table:
+        samples = ms.from_table(args.input_table, args.path_column, args.caption_column)
+    else:
+        samples = ms.from_tars(args.input_shards)
+    stats = ms.write_shards(samples, args.output_dir, args.samples_per_shard, args.prefix, not args.no_progress)
+    with open(os.path.join(args.output_dir, "stats.json"), "w") as f:
+        json.dump(stats, f, indent=1)
+    if stats["written"] == 0:
+        raise UsageError(f"no valid sample found (skipped: {stats['skipped']}); check the input")
+    print(f"wrote {stats['written']} samples in {stats['shards']} shards to {args.output_dir}; "
+          f"skipped {sum(stats['skipped'].values())} {stats['skipped'] or ''}")
+
+
+if __name__ == "__main__":
+    exit_with(main)

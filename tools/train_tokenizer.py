@@ -1,0 +1,51 @@
+#!/usr/bin/env python
+"""Train the sentencepiece tokenizer (pad 0, unk 1, bos 2, eos 3) from shard captions or a text file."""
+import os
+
+import _bootstrap  # noqa: F401
+from megatron_ov3.cli import Parser, UsageError, exit_with
+
+
+def _captions_from_shards(spec, limit):
+    from megatron_ov3.data.shards import caption_of, expand_urls, iter_tar_samples
+
+    n = 0
+    for source in expand_urls(spec):
+        for url in source:
+            if not os.path.isfile(url):
+                raise FileNotFoundError(f"shard {url!r} does not exist")
+            for smp in iter_tar_samples(url, lambda *a: None):
+                cap = caption_of(smp)
+                if cap:
+                    yield cap
+                    n += 1
+                    if limit and n >= limit:
+                        return
+
+
+def main(argv=None):
+    p = Parser(description=__doc__)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data-path", help="shards whose captions to train on (brace notation, '::' joins)")
+    src.add_argument("--text-file", help="a text file, one sentence per line")
+    p.add_argument("--output-prefix", required=True, help="writes PREFIX.model")
+    p.add_argument("--vocab-size", type=int, default=32000)
+    p.add_argument("--model-type", default="unigram", choices=["unigram", "bpe"])
+    p.add_argument("--max-sentences", type=int, default=2_000_000)
+    args = p.parse_args(argv)
+    from megatron_ov3.data.tokenizer import Tokenizer, train_tokenizer
+
+    if args.text_file:
+        if not os.path.isfile(args.text_file):
+            raise FileNotFoundError(f"--text-file {args.text_file!r} does not exist")
+        texts = open(args.text_file, encoding="utf-8", errors="replace").read().splitlines()
+    else:
+        texts = list(_captions_from_shards(args.data_path, args.max_sentences))
+    if not texts:
+        raise UsageError("no captions found to train on")
+    path = train_tokenizer(texts, args.output_prefix, args.vocab_size, args.model_type)
+    print(f"wrote {path} (vocab {Tokenizer(path).vocab_size}, trained on {len(texts)} sentences)")
+
+
+if __name__ == "__main__":
+    exit_with(main)
