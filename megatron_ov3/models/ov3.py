@@ -65,7 +65,8 @@ class OV3Model(nn.Module):
             self.decoder = LatentDecoder(cfg, impl)
             self.text = TextEncoder(cfg, impl)
             self.caption = CaptionDecoder(cfg, impl)
-            self.logit_scale = nn.Parameter(torch.tensor(math.log(cfg.logit_scale_init)))
+            # shape (1,), not 0-dim: DeepSpeed broadcasts parameters as byte views, which 0-dim tensors refuse
+            self.logit_scale = nn.Parameter(torch.tensor([math.log(cfg.logit_scale_init)]))
 
     # ---- frozen companions ----
     def to_frozen(self, device=None, dtype=None) -> "OV3Model":
@@ -103,7 +104,7 @@ class OV3Model(nn.Module):
         return z_hat, (self.vae.decode(z_hat) if self.vae is not None else None)
 
     def current_logit_scale(self) -> torch.Tensor:
-        return self.logit_scale.exp().clamp(max=self.cfg.logit_scale_max)
+        return self.logit_scale.exp().clamp(max=self.cfg.logit_scale_max)[0]
 
     # ---- training forward ----
     def forward(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

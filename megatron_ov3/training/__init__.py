@@ -1,0 +1,1 @@
+"""Training: flags -> configs, DeepSpeed engine, loop, checkpoints, FLOP accounting."""

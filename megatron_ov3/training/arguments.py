@@ -1,0 +1,142 @@
+"""Command-line flags (Megatron-LM names) -> validated configs. Usage errors raise ``UsageError`` (exit 2)."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Optional
+
+from ..cli import Parser, UsageError
+from ..models.sizes import SIZES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="python -m megatron_ov3.pretrain",
+               description="Pre-train an OpenVision 3 encoder (megatron-core layers, DeepSpeed ZeRO).")
+    g = p.add_argument_group("model")
+    g.add_argument("--model-size", default="tiny", choices=SIZES, help="named size from the registry")
+    g.add_argument("--image-size", type=int, default=256, help="training resolution (multiple of 16)")
+    g.add_argument("--class-token", action="store_true", help="prepend a class token (open_clip-compatible)")
+    g.add_argument("--register-tokens", type=int, default=0)
+    g.add_argument("--decoder-noise-tau", type=float, default=0.8)
+    g.add_argument("--lpips-weight", type=float, default=0.0)
+    g.add_argument("--lpips-path", default=None, help="local LPIPS-VGG state dict")
+    g.add_argument("--pixel-l1-weight", type=float, default=1.0)
+    g.add_argument("--latent-l1-weight", type=float, default=0.4)
+    g.add_argument("--reconstruction-weight", type=float, default=0.5)
+    g.add_argument("--caption-weight", type=float, default=1.0)
+    g.add_argument("--contrastive-weight", type=float, default=1.0)
+    g.add_argument("--vae-path", default=None, help="local diffusers AutoencoderKL folder (FLUX.1 VAE)")
+    g.add_argument("--tiny-vae", action="store_true", help="random-init toy VAE of FLUX structure (CPU demo/tests)")
+    g.add_argument("--transformer-impl", default="auto", choices=["auto", "local", "te"])
+    g.add_argument("--attention-backend", default="sdpa", choices=["sdpa", "unfused"])
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", required=True, help="shards, brace notation, sources joined with '::'")
+    g.add_argument("--data-weights", type=float, nargs="+", default=None)
+    g.add_argument("--data-resample", action="store_true")
+    g.add_argument("--tokenizer", required=True, help="sentencepiece model (tools/train_tokenizer.py)")
+    g.add_argument("--num-workers", type=int, default=2)
+    g.add_argument("--shuffle-buffer", type=int, default=1000)
+
+    g = p.add_argument_group("batch and schedule")
+    g.add_argument("--micro-batch-size", type=int, required=True)
+    g.add_argument("--global-batch-size", type=int, required=True)
+    g.add_argument("--train-iters", type=int, default=None)
+    g.add_argument("--train-samples", type=int, default=None)
+    g.add_argument("--lr", type=float, default=5e-4)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--weight-decay", type=float, default=0.2)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--max-bad-steps", type=int, default=10,
+                   help="stop after this many consecutive non-finite losses")
+
+    g = p.add_argument_group("parallelism and precision")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--zero-stage", type=int, default=1, choices=[0, 1, 2, 3])
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--fp8-format", default=None, choices=["hybrid", "e4m3"],
+                   help="FP8 via Transformer Engine (ignored with a warning when TE is absent)")
+    g.add_argument("--recompute-granularity", default=None, choices=["full", "selective"])
+    g.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the DeepSpeed launcher")
+
+    g = p.add_argument_group("checkpointing")
+    g.add_argument("--save", default=None, help="checkpoint directory")
+    g.add_argument("--load", default=None, help="resume from this checkpoint directory (its 'latest')")
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--keep-last", type=int, default=None, help="keep only the newest N checkpoints")
+    g.add_argument("--finetune-from", default=None,
+                   help="stage 2: start from this checkpoint's model weights at a new resolution "
+                        "(iteration, optimizer, scheduler and data position reset)")
+    g.add_argument("--keep-optimizer", action="store_true",
+                   help="with --finetune-from: also restore the optimizer state")
+
+    g = p.add_argument_group("logging")
+    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--metrics-file", default=None,
+                   help="append one JSON line per logged iteration (rank 0): losses, lr, grad norm, timings")
+    g.add_argument("--wandb-project", default=None, help="log to wandb (offline unless WANDB_MODE says otherwise)")
+    return p
+
+
+@dataclass
+class BatchPlan:
+    micro_batch_size: int
+    global_batch_size: int
+    data_parallel_size: int
+    grad_accum: int
+
+
+def batch_plan(args, data_parallel_size: int) -> BatchPlan:
+    mb, gb = args.micro_batch_size, args.global_batch_size
+    if mb < 1 or gb < 1:
+        raise UsageError("--micro-batch-size and --global-batch-size must be >= 1")
+    if gb % (mb * data_parallel_size):
+        raise UsageError(
+            f"--global-batch-size {gb} is not divisible by --micro-batch-size {mb} x data-parallel size "
+            f"{data_parallel_size}; use a multiple of {mb * data_parallel_size}"
+        )
+    return BatchPlan(mb, gb, data_parallel_size, gb // (mb * data_parallel_size))
+
+
+def validate(args, world_size: int) -> None:
+    """Checks that need no model: raise UsageError with the fix."""
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    if tp < 1 or pp < 1:
+        raise UsageError("parallel sizes must be >= 1")
+    if world_size % (tp * pp):
+        raise UsageError(f"{world_size} processes are not divisible by TP {tp} x PP {pp}; change the sizes")
+    if pp > 1 and args.zero_stage > 1:
+        raise UsageError(
+            f"--zero-stage {args.zero_stage} cannot be combined with pipeline parallelism (DeepSpeed refuses "
+            f"ZeRO-2/3 with pipelining); use --zero-stage 1"
+        )
+    if pp > 1:
+        raise UsageError("--pipeline-model-parallel-size > 1 is not supported by the training loop yet "
+                         "(the model has pipeline stages; the 1F1B schedule integration is pending)")
+    if (args.train_iters is None) == (args.train_samples is None):
+        raise UsageError("give exactly one of --train-iters and --train-samples")
+    if (args.train_iters or 1) < 1 or (args.train_samples or 1) < 1:
+        raise UsageError("--train-iters / --train-samples must be >= 1")
+    if args.save_interval is not None and args.save_interval < 1:
+        raise UsageError("--save-interval must be >= 1")
+    if args.save_interval and not args.save:
+        raise UsageError("--save-interval needs --save DIR")
+    if args.keep_last is not None and args.keep_last < 1:
+        raise UsageError("--keep-last must be >= 1")
+    if args.log_interval < 1:
+        raise UsageError("--log-interval must be >= 1")
+    if args.lr <= 0 or args.min_lr < 0 or args.min_lr > args.lr:
+        raise UsageError("need 0 <= --min-lr <= --lr and --lr > 0")
+    if not args.tiny_vae and not args.vae_path:
+        raise UsageError("give --vae-path (local FLUX.1 VAE folder) or --tiny-vae")
+    if args.load and args.finetune_from:
+        raise UsageError("--load (resume) and --finetune-from (new stage) are exclusive")
+    if args.keep_optimizer and not args.finetune_from:
+        raise UsageError("--keep-optimizer only applies with --finetune-from")

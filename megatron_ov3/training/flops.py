@@ -1,0 +1,68 @@
+"""Analytic FLOP count of one whole OV3 training step (per sample), for TFLOP/s and MFU.
+
+Transformer towers (matmuls only; softmax/norms/elementwise ignored, as in Megatron's accounting), per layer
+and token of a sequence of length S, width W, MLP M, forward:  2*(3W^2 + W^2 + 2WM)  [QKV, out-proj, MLP]
++ 4*S*W  [QK^T and attention*V]. Training = 3x forward (backward = 2x). Plus the linear heads/embedding
+projections (patch embed, decoder in/out, caption image-proj and LM head: 2*in*out per token).
+
+The frozen VAE is counted by measuring its forward with ``torch.utils.flop_counter`` once per resolution:
+encode = 1x forward (no grad); decode for the pixel loss = forward + backward to the *input only*
+(~1x forward; no weight gradients) = 2x the decoder forward.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..models.config import OV3Config, TowerConfig
+from ..models.text import padded_vocab_size
+
+
+def _tower_fwd(t: TowerConfig, seq: int) -> float:
+    per_token = 2 * (4 * t.width ** 2 + 2 * t.width * t.mlp) + 4 * seq * t.width
+    return float(t.depth * seq * per_token)
+
+
+def model_flops_per_sample(cfg: OV3Config, image_size: int) -> dict:
+    """Training FLOPs per sample of each trainable part (fwd+bwd)."""
+    n = (image_size // cfg.pixels_per_token) ** 2
+    s_enc = n + cfg.num_prefix_tokens
+    p2c = cfg.patch_size ** 2 * cfg.latent_channels
+    e, d, t, c = cfg.encoder, cfg.decoder, cfg.text, cfg.caption
+    vocab = padded_vocab_size(cfg.vocab_size)
+    fwd = {
+        "encoder": _tower_fwd(e, s_enc) + 2 * n * p2c * e.width + 2 * e.width * cfg.embed_dim,
+        "decoder": _tower_fwd(d, n) + 2 * n * (e.width * d.width + d.width * p2c),
+        "text": _tower_fwd(t, cfg.text_context_length) + 2 * t.width * cfg.embed_dim,
+        "caption": _tower_fwd(c, n + cfg.caption_length) + 2 * n * e.width * c.width
+        + 2 * cfg.caption_length * c.width * vocab,
+    }
+    return {k: 3.0 * v for k, v in fwd.items()}
+
+
+@functools.lru_cache(maxsize=8)
+def _vae_fwd_flops(vae_id: int, image_size: int, vae) -> tuple:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    dev = next(vae.vae.parameters()).device
+    x = torch.zeros(1, 3, image_size, image_size, device=dev, dtype=vae.dtype)
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as enc:
+            z = vae.vae.encode(x).latent_dist.mean
+        with FlopCounterMode(display=False) as dec:
+            vae.vae.decode(z)
+    return float(enc.get_total_flops()), float(dec.get_total_flops())
+
+
+def step_flops_per_sample(cfg: OV3Config, image_size: int, vae=None, encode_in_step: bool = True) -> dict:
+    """All FLOPs of one training step per sample, by part, including the VAE when given."""
+    parts = model_flops_per_sample(cfg, image_size)
+    if vae is not None:
+        enc, dec = _vae_fwd_flops(id(vae), image_size, vae)
+        if encode_in_step:
+            parts["vae_encode"] = enc
+        if cfg.pixel_l1_weight > 0 or cfg.lpips_weight > 0:
+            parts["vae_decode"] = 2.0 * dec
+    parts["total"] = sum(parts.values())
+    return parts

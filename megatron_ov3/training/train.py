@@ -1,0 +1,303 @@
+"""The training loop: megatron-core model + DeepSpeed ZeRO engine + resumable data + atomic checkpoints."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import signal
+import sys
+import time
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+from .. import parallel
+from ..cli import UsageError
+from ..data import DataConfig, DataIterator
+from ..data.tokenizer import Tokenizer
+from ..models import FrozenVAE, LayerImplConfig, LOSS_NAMES, build_model, get_config
+from ..models.specs import te_available
+from . import checkpoint as ckpt
+from .arguments import batch_plan, validate
+from .flops import step_flops_per_sample
+from .mpu import MegatronMPU
+
+
+def log0(*a):
+    if dist.get_rank() == 0:
+        print(*a, flush=True)
+
+
+class _Signals:
+    """SIGTERM/SIGINT: finish the current step, save, exit 0 (agreed across ranks)."""
+
+    def __init__(self):
+        self.received = False
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, _frame):
+        self.received = True
+
+    def any_rank(self, device) -> bool:
+        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+
+def param_groups(model, weight_decay: float):
+    """AdamW groups: no weight decay for biases, norms, tokens, position tables and the logit scale."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.dim() < 2 or "pos_embedding" in name or "class_token" in name or "registers" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(args, total_iters: int):
+    warm = args.lr_warmup_iters
+    floor = args.min_lr / args.lr
+
+    def f(it):
+        if warm and it < warm:
+            return (it + 1) / warm
+        progress = min(1.0, (it - warm) / max(1, total_iters - warm))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def run(args) -> int:
+    import deepspeed
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    validate(args, world)
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/megatron_ov3/torch_extensions"))
+    parallel.initialize_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                                       seed=args.seed)
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+    from megatron.core import parallel_state as ps
+
+    device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+    dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    plan = batch_plan(args, dp_size)
+    total_iters = args.train_iters or -(-args.train_samples // plan.global_batch_size)
+
+    tokenizer = Tokenizer(args.tokenizer)
+    fp8 = args.fp8_format
+    if fp8 and not te_available():
+        log0(f"warning: --fp8-format {fp8} ignored: Transformer Engine is not installed")
+        fp8 = None
+    cfg = get_config(
+        args.model_size, image_size=args.image_size, class_token=args.class_token,
+        register_tokens=args.register_tokens, decoder_noise_tau=args.decoder_noise_tau,
+        vocab_size=tokenizer.vocab_size, lpips_weight=args.lpips_weight, lpips_path=args.lpips_path,
+        pixel_l1_weight=args.pixel_l1_weight, latent_l1_weight=args.latent_l1_weight,
+        reconstruction_weight=args.reconstruction_weight, caption_weight=args.caption_weight,
+        contrastive_weight=args.contrastive_weight,
+    )
+    impl = LayerImplConfig(
+        backend=args.transformer_impl, attention=args.attention_backend,
+        params_dtype=torch.bfloat16 if args.bf16 else torch.float32, bf16=args.bf16, fp8=fp8,
+        recompute_granularity=args.recompute_granularity,
+    )
+    vae = FrozenVAE.tiny() if args.tiny_vae else FrozenVAE.from_pretrained(args.vae_path)
+    model = build_model(cfg, impl, vae=vae)
+    model.to_frozen(device)
+
+    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
+                            betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
+                            **({"fused": True} if device.type == "cuda" else {}))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args, total_iters))
+    ds_config = {
+        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
+        "gradient_accumulation_steps": plan.grad_accum,
+        "train_batch_size": plan.global_batch_size,
+        "gradient_clipping": args.clip_grad,
+        "zero_optimization": {"stage": args.zero_stage},
+        "bf16": {"enabled": bool(args.bf16)},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_config,
+                                           mpu=MegatronMPU())
+
+    iteration, consumed, data_state = 0, 0, None
+    if args.load:
+        tag, client, rng = ckpt.load(engine, args.load)
+        iteration, consumed = int(client.get("iteration", 0)), int(client.get("consumed_samples", 0))
+        states = client.get("data_states") or []
+        if len(states) == dp_size:
+            data_state = states[dp_rank]
+        else:
+            log0(f"warning: checkpoint has data positions for {len(states)} data-parallel ranks, this run has "
+                 f"{dp_size}; the data stream restarts (resume is not exact)")
+        if rng is not None:
+            ckpt.set_rng_state(rng)
+        log0(f"resumed from {os.path.join(args.load, tag)} at iteration {iteration} ({consumed} samples)")
+    elif args.finetune_from:
+        tag, _, _ = ckpt.load(engine, args.finetune_from, module_only=not args.keep_optimizer,
+                              load_optimizer=args.keep_optimizer)
+        log0(f"stage start from {os.path.join(args.finetune_from, tag)} at {args.image_size}px "
+             f"(sincos position embeddings re-evaluated on the new grid; optimizer "
+             f"{'kept' if args.keep_optimizer else 'reset'})")
+
+    data = DataIterator(
+        DataConfig(data_path=args.data_path, tokenizer=args.tokenizer, micro_batch_size=plan.micro_batch_size,
+                   image_size=args.image_size, data_weights=args.data_weights, resample=args.data_resample,
+                   num_workers=args.num_workers, shuffle_buffer=args.shuffle_buffer, seed=args.seed,
+                   text_length=cfg.text_context_length, caption_length=cfg.caption_length),
+        dp_rank, dp_size, state=data_state)
+
+    writer = _tensorboard(args)
+    wandb_run = _wandb(args, cfg)
+    flops = None
+    signals = _Signals()
+    n_params = sum(p.numel() for p in model.parameters())
+    log0(f"OV3-{args.model_size} {args.image_size}px: {n_params:,} trainable params | world {world} = "
+         f"TP {args.tensor_model_parallel_size} x PP {args.pipeline_model_parallel_size} x DP {dp_size} | "
+         f"micro {plan.micro_batch_size} x accum {plan.grad_accum} x DP {dp_size} = global "
+         f"{plan.global_batch_size} | ZeRO-{args.zero_stage} | {'bf16' if args.bf16 else 'fp32'}"
+         f"{' fp8-' + fp8 if fp8 else ''} | layers: {impl.backend}/{impl.attention} | {total_iters} iterations")
+
+    sums: Dict[str, float] = {}
+    n_logged, skipped_total, bad_streak = 0, 0, 0
+    t_log = time.time()
+    samples_since_log = 0
+    engine.train()
+    stop_reason = None
+    while iteration < total_iters:
+        done = 0
+        while done < plan.grad_accum:
+            batch = {k: v.to(device, non_blocking=True) for k, v in next(data).items()}
+            out = engine(batch)
+            loss = out["total_loss"]
+            finite = torch.tensor([1.0 if torch.isfinite(loss).item() else 0.0], device=device)
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if finite.item() == 0:
+                skipped_total += 1
+                bad_streak += 1
+                log0(f"iteration {iteration + 1}: non-finite loss on some rank, micro-batch skipped "
+                     f"({bad_streak} in a row)")
+                if bad_streak >= args.max_bad_steps:
+                    stop_reason = (f"stopping: {bad_streak} consecutive non-finite losses "
+                                   f"(--max-bad-steps {args.max_bad_steps}); lower --lr or check the data")
+                    break
+                continue
+            bad_streak = 0
+            engine.backward(loss)
+            engine.step()
+            done += 1
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            n_logged += 1
+        if stop_reason:
+            break
+        iteration += 1
+        consumed += plan.global_batch_size
+        samples_since_log += plan.global_batch_size
+
+        if iteration % args.log_interval == 0 or iteration == total_iters:
+            if flops is None:
+                flops = step_flops_per_sample(cfg, args.image_size, vae)
+            vec = torch.tensor([sums.get(k, 0.0) for k in sorted(sums)] + [float(n_logged)], device=device,
+                               dtype=torch.float64)
+            dist.all_reduce(vec, group=ps.get_data_parallel_group())
+            avg = {k: float(vec[i] / vec[-1]) for i, k in enumerate(sorted(sums))}
+            dt = time.time() - t_log
+            sps = samples_since_log / dt
+            tflops = flops["total"] * sps / world / 1e12
+            gn = engine.get_global_grad_norm()
+            lr = sched.get_last_lr()[0]
+            bad = data.bad_counts()
+            losses = " | ".join(f"{k} {avg[k]:.4f}" for k in ("total_loss",) + LOSS_NAMES if k in avg)
+            log0(f"iteration {iteration:6d}/{total_iters} | {losses} | acc i2t {avg.get('contrastive_acc_i2t', 0):.3f}"
+                 f" | lr {lr:.3e} | grad norm {float(gn if gn is not None else float('nan')):.3f} | "
+                 f"samples/s {sps:.1f} | TFLOP/s/device {tflops:.4f} | mem {memory_mb(device):.0f} MB | "
+                 f"skipped steps {skipped_total} | bad samples {sum(bad.values())}"
+                 + (f" {({k: v for k, v in bad.items() if v})}" if any(bad.values()) else ""))
+            if writer is not None:
+                for k, v in avg.items():
+                    writer.add_scalar(f"train/{k}", v, iteration)
+                for k, v in (("lr", lr), ("samples_per_s", sps), ("tflops_per_device", tflops),
+                             ("grad_norm", float(gn or 0.0)), ("skipped_steps", skipped_total)):
+                    writer.add_scalar(f"train/{k}", v, iteration)
+                for k, v in bad.items():
+                    writer.add_scalar(f"data/bad_{k}", v, iteration)
+                writer.flush()
+            if args.metrics_file and dist.get_rank() == 0:
+                with open(args.metrics_file, "a") as f:
+                    f.write(json.dumps({"iteration": iteration, **avg, "lr": lr, "grad_norm": float(gn or 0.0),
+                                        "samples_per_s": sps, "tflops_per_device": tflops,
+                                        "step_time_s": dt / args.log_interval if iteration % args.log_interval == 0 else None,
+                                        "memory_mb": memory_mb(device), "bad_samples": bad,
+                                        "skipped_steps": skipped_total}) + "\n")
+            if wandb_run is not None:
+                wandb_run.log({**{f"train/{k}": v for k, v in avg.items()}, "lr": lr, "samples_per_s": sps},
+                              step=iteration)
+            sums, n_logged, samples_since_log, t_log = {}, 0, 0, time.time()
+
+        stop = signals.any_rank(device)
+        due = args.save and (
+            (args.save_interval and iteration % args.save_interval == 0) or iteration == total_iters or stop)
+        if due:
+            _save(engine, args, iteration, consumed, data, cfg)
+        if stop:
+            log0(f"signal received: saved at iteration {iteration}, exiting")
+            break
+
+    if writer is not None:
+        writer.close()
+    if wandb_run is not None:
+        wandb_run.finish()
+    if stop_reason:
+        log0(stop_reason)
+        return 1
+    if args.save:
+        log0(f"checkpoint: {os.path.abspath(os.path.join(args.save, ckpt.read_latest(args.save)))}")
+    log0("training finished")
+    return 0
+
+
+def _save(engine, args, iteration, consumed, data, cfg):
+    from megatron.core import parallel_state as ps
+
+    states = [None] * ps.get_data_parallel_world_size()
+    dist.all_gather_object(states, data.state_dict(), group=ps.get_data_parallel_group())
+    client = {"iteration": iteration, "consumed_samples": consumed, "data_states": states,
+              "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}}
+    t = time.time()
+    tag = ckpt.save(engine, args.save, iteration, client, cfg.to_dict(), args.keep_last)
+    log0(f"saved checkpoint {os.path.join(args.save, tag)} in {time.time() - t:.1f}s")
+
+
+def _tensorboard(args):
+    if not args.tensorboard_dir or dist.get_rank() != 0:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(args.tensorboard_dir)
+
+
+def _wandb(args, cfg):
+    if not args.wandb_project or dist.get_rank() != 0:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise UsageError("--wandb-project needs wandb: pip install -e .[wandb]") from None
+    os.environ.setdefault("WANDB_MODE", "offline")
+    return wandb.init(project=args.wandb_project, config={"model": cfg.to_dict(), "args": vars(args)})
