@@ -20,7 +20,7 @@ $(STAMP): setup.py
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/demo.py
+	PATH="$(abspath $(VENV))/bin:$$PATH" bash examples/demo.sh
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save", default=None, help="checkpoint directory")
     g.add_argument("--load", default=None, help="resume from this checkpoint directory (its 'latest')")
     g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="save (with --save) and exit 0 after an iteration divisible by this (schedule unchanged)")
     g.add_argument("--keep-last", type=int, default=None, help="keep only the newest N checkpoints")
     g.add_argument("--finetune-from", default=None,
                    help="stage 2: start from this checkpoint's model weights at a new resolution "

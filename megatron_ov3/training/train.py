@@ -242,7 +242,7 @@ def run(args) -> int:
                 with open(args.metrics_file, "a") as f:
                     f.write(json.dumps({"iteration": iteration, **avg, "lr": lr, "grad_norm": float(gn or 0.0),
                                         "samples_per_s": sps, "tflops_per_device": tflops,
-                                        "step_time_s": dt / args.log_interval if iteration % args.log_interval == 0 else None,
+                                        "step_time_s": dt * plan.global_batch_size / samples_since_log,
                                         "memory_mb": memory_mb(device), "bad_samples": bad,
                                         "skipped_steps": skipped_total}) + "\n")
             if wandb_run is not None:
@@ -251,12 +251,14 @@ def run(args) -> int:
             sums, n_logged, samples_since_log, t_log = {}, 0, 0, time.time()
 
         stop = signals.any_rank(device)
+        exit_now = bool(args.exit_interval and iteration % args.exit_interval == 0 and iteration < total_iters)
         due = args.save and (
-            (args.save_interval and iteration % args.save_interval == 0) or iteration == total_iters or stop)
+            (args.save_interval and iteration % args.save_interval == 0) or iteration == total_iters or stop or exit_now)
         if due:
             _save(engine, args, iteration, consumed, data, cfg)
-        if stop:
-            log0(f"signal received: saved at iteration {iteration}, exiting")
+        if stop or exit_now:
+            log0(f"{'signal received' if stop else '--exit-interval reached'}: "
+                 f"{'saved' if args.save else 'not saved (no --save)'} at iteration {iteration}, exiting")
             break
 
     if writer is not None:

@@ -1,0 +1,149 @@
+"""The training job through the real DeepSpeed launcher on CPU (gloo): run, exact resume, crash safety,
+SIGTERM, usage errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DS = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from megatron_ov3.data.synthetic import write_synthetic_shards
+    from megatron_ov3.data.tokenizer import train_tokenizer
+    from megatron_ov3.data.synthetic import synthetic_sample
+    import random
+
+    d = tmp_path_factory.mktemp("train_data")
+    write_synthetic_shards(str(d), 320, samples_per_shard=40, image_size=32, seed=0)
+    rng = random.Random(1)
+    tok = train_tokenizer([synthetic_sample(rng, 8)[1] for _ in range(300)], str(d / "tok"), vocab_size=64)
+    return str(d / "synthetic-{00000..00007}.tar"), tok
+
+
+def _env(dataset, ckpt, port, **extra):
+    env = dict(os.environ, DATA_PATH=dataset[0], TOKENIZER=dataset[1], CHECKPOINT_PATH=str(ckpt),
+               IMAGE_SIZE="32", MICRO_BATCH="4", GLOBAL_BATCH="8", NUM_WORKERS="1", PYTHONPATH=ROOT)
+    env.update(extra)
+    return env
+
+
+def launch(dataset, ckpt, port, *flags, timeout=300, **extra):
+    cmd = [DS, "--num_gpus", "2", "--master_port", str(port), "examples/pretrain_ov3_tiny.sh",
+           "--log-interval", "1", *map(str, flags)]
+    return subprocess.run(cmd, cwd=ROOT, env=_env(dataset, ckpt, port, **extra), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def metrics(path):
+    return [json.loads(l) for l in open(path)]
+
+
+def test_launcher_run_output_and_checkpoint(dataset, tmp_path):
+    r = launch(dataset, tmp_path / "ck", 29621, "--train-iters", 4, "--save-interval", 2)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = r.stdout
+    assert "world 2 = TP 1 x PP 1 x DP 2" in out and "global 8" in out
+    lines = [l for l in out.splitlines() if l.startswith("iteration ")]
+    assert len(lines) == 4
+    for name in ("total_loss", "contrastive_loss", "caption_loss", "latent_l1", "pixel_l1", "lr", "grad norm",
+                 "samples/s", "TFLOP/s/device", "mem"):
+        assert name in lines[-1]
+    assert (tmp_path / "ck" / "latest").read_text() == "iter_0000004"
+    assert sorted(p for p in os.listdir(tmp_path / "ck") if p.startswith("iter_")) == ["iter_0000002", "iter_0000004"]
+    assert f"checkpoint: {tmp_path / 'ck' / 'iter_0000004'}" in out
+
+
+def test_exact_resume(dataset, tmp_path):
+    """6 iterations straight == 3 iterations, exit, resume, 3 more (2 processes, ZeRO-1): identical losses."""
+    a = launch(dataset, tmp_path / "a", 29622, "--train-iters", 6, "--metrics-file", tmp_path / "a.jsonl")
+    assert a.returncode == 0, a.stderr[-3000:]
+    b1 = launch(dataset, tmp_path / "b", 29623, "--train-iters", 6, "--exit-interval", 3,
+                "--metrics-file", tmp_path / "b.jsonl")
+    assert b1.returncode == 0, b1.stderr[-3000:]
+    assert "--exit-interval reached: saved at iteration 3" in b1.stdout
+    b2 = launch(dataset, tmp_path / "b", 29624, "--train-iters", 6, "--load", tmp_path / "b",
+                "--metrics-file", tmp_path / "b.jsonl")
+    assert b2.returncode == 0, b2.stderr[-3000:]
+    assert "resumed from" in b2.stdout and "at iteration 3" in b2.stdout
+    ma, mb = metrics(tmp_path / "a.jsonl"), metrics(tmp_path / "b.jsonl")
+    assert [m["iteration"] for m in mb] == [1, 2, 3, 4, 5, 6]
+    keys = ("total_loss", "contrastive_loss", "caption_loss", "latent_l1", "pixel_l1", "lr", "grad_norm")
+    for x, y in zip(ma, mb):
+        for k in keys:
+            assert x[k] == y[k], (x["iteration"], k, x[k], y[k])
+    assert ma[-1]["total_loss"] < ma[0]["total_loss"]
+
+
+def test_kill_during_save_keeps_previous_checkpoint(dataset, tmp_path):
+    ck = tmp_path / "ck"
+    r = launch(dataset, ck, 29625, "--train-iters", 4, "--exit-interval", 2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = launch(dataset, ck, 29626, "--train-iters", 4, "--load", ck, OV3_FAULT_KILL_IN_SAVE="1")
+    assert r.returncode != 0
+    assert (ck / "latest").read_text() == "iter_0000002"
+    assert (ck / "iter_0000004.partial").is_dir() and not (ck / "iter_0000004").exists()
+    r = launch(dataset, ck, 29627, "--train-iters", 4, "--load", ck)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "at iteration 2" in r.stdout and (ck / "latest").read_text() == "iter_0000004"
+
+
+def test_sigterm_saves_and_exits_0(dataset, tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-u", "-m", "megatron_ov3.pretrain", "--data-path", dataset[0], "--tokenizer",
+           dataset[1], "--tiny-vae", "--image-size", "32", "--micro-batch-size", "4", "--global-batch-size", "4",
+           "--train-iters", "100000", "--log-interval", "1", "--num-workers", "1", "--save", str(tmp_path / "ck")]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    deadline = time.time() + 240
+    for line in p.stdout:
+        lines.append(line)
+        if line.startswith("iteration ") or time.time() > deadline:
+            break
+    p.send_signal(signal.SIGTERM)
+    rest, _ = p.communicate(timeout=120)
+    out = "".join(lines) + rest
+    assert p.returncode == 0, out[-3000:]
+    assert "signal received: saved at iteration" in out
+    assert (tmp_path / "ck" / "latest").read_text().startswith("iter_")
+
+
+def test_usage_errors_exit_2(dataset, tmp_path):
+    def run(*flags):
+        return subprocess.run([sys.executable, "-m", "megatron_ov3.pretrain", *map(str, flags)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+
+    base = ["--data-path", dataset[0], "--tokenizer", dataset[1], "--tiny-vae", "--train-iters", "2"]
+    r = run(*base, "--micro-batch-size", 3, "--global-batch-size", 8)
+    assert r.returncode == 2 and "not divisible by --micro-batch-size 3" in r.stderr, r.stderr
+    assert len([l for l in r.stderr.splitlines() if l.startswith("error:")]) == 1
+    r = run(*base, "--micro-batch-size", 4, "--global-batch-size", 8, "--zero-stage", 5)
+    assert r.returncode == 2 and "invalid choice: 5" in r.stderr
+    r = run(*base, "--micro-batch-size", 4, "--global-batch-size", 8, "--save-interval", 2)
+    assert r.returncode == 2 and "--save-interval needs --save" in r.stderr
+    r = run("--help")
+    assert r.returncode == 0
+    for group in ("model:", "data:", "batch and schedule:", "parallelism and precision:", "checkpointing:", "logging:"):
+        assert group in r.stdout
+
+
+@pytest.mark.parametrize("how", ["deepspeed", "bash"])
+def test_huge_recipe_starts_through_launcher(tmp_path, how):
+    """`deepspeed examples/pretrain_ov3_huge.sh` (and `bash ...`) reach the entry point with the recipe's flags."""
+    env = dict(os.environ, DATA_PATH="d/{0..9}.tar", TOKENIZER="t.model", VAE_PATH="vae", PYTHONPATH=ROOT,
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    cmd = [DS, "--master_port", "29628", "examples/pretrain_ov3_huge.sh", "--help"] if how == "deepspeed" \
+        else ["bash", "examples/pretrain_ov3_huge.sh", "--help"]
+    if how == "bash":
+        env["NUM_GPUS"] = "1"
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Pre-train an OpenVision 3 encoder" in r.stdout and "parallelism and precision:" in r.stdout
