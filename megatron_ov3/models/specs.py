@@ -141,36 +141,35 @@ def _local_norm():
     return WrappedTorchNorm
 
 
-def local_layer_spec(attn_mask_type: AttnMaskType, attention: str = "sdpa") -> ModuleSpec:
-    """Pre-LN transformer layer from megatron-core modules only (runs on CPU)."""
-    if attention not in ATTENTIONS:
-        raise ValueError(f"attention {attention!r} is unknown; use one of {', '.join(ATTENTIONS)}")
-    norm = _local_norm()
-    core = SDPAttention if attention == "sdpa" else DotProductAttention
+def _layer(mask: AttnMaskType, norm, qkv, core, proj, fc1, fc2) -> ModuleSpec:
+    """Pre-LN TransformerLayer spec from its parts (``norm`` IdentityOp when fused into qkv/fc1)."""
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=norm,
             self_attention=ModuleSpec(
                 module=SelfAttention,
-                params={"attn_mask_type": attn_mask_type},
+                params={"attn_mask_type": mask},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=ColumnParallelLinear,
-                    core_attention=core,
-                    linear_proj=RowParallelLinear,
-                    q_layernorm=IdentityOp,
+                    linear_qkv=qkv, core_attention=core, linear_proj=proj, q_layernorm=IdentityOp,
                     k_layernorm=IdentityOp,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=norm,
-            mlp=ModuleSpec(
-                module=MLP,
-                submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
-            ),
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=fc1, linear_fc2=fc2)),
             mlp_bda=get_bias_dropout_add,
         ),
     )
+
+
+def local_layer_spec(attn_mask_type: AttnMaskType, attention: str = "sdpa") -> ModuleSpec:
+    """Pre-LN transformer layer from megatron-core modules only (runs on CPU)."""
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention {attention!r} is unknown; use one of {', '.join(ATTENTIONS)}")
+    core = SDPAttention if attention == "sdpa" else DotProductAttention
+    return _layer(attn_mask_type, _local_norm(), ColumnParallelLinear, core, RowParallelLinear,
+                  ColumnParallelLinear, RowParallelLinear)
 
 
 def te_layer_spec(attn_mask_type: AttnMaskType) -> ModuleSpec:
@@ -181,30 +180,8 @@ def te_layer_spec(attn_mask_type: AttnMaskType) -> ModuleSpec:
         TERowParallelLinear,
     )
 
-    return ModuleSpec(
-        module=TransformerLayer,
-        submodules=TransformerLayerSubmodules(
-            self_attention=ModuleSpec(
-                module=SelfAttention,
-                params={"attn_mask_type": attn_mask_type},
-                submodules=SelfAttentionSubmodules(
-                    linear_qkv=TELayerNormColumnParallelLinear,
-                    core_attention=TEDotProductAttention,
-                    linear_proj=TERowParallelLinear,
-                    q_layernorm=IdentityOp,
-                    k_layernorm=IdentityOp,
-                ),
-            ),
-            self_attn_bda=get_bias_dropout_add,
-            mlp=ModuleSpec(
-                module=MLP,
-                submodules=MLPSubmodules(
-                    linear_fc1=TELayerNormColumnParallelLinear, linear_fc2=TERowParallelLinear
-                ),
-            ),
-            mlp_bda=get_bias_dropout_add,
-        ),
-    )
+    return _layer(attn_mask_type, IdentityOp, TELayerNormColumnParallelLinear, TEDotProductAttention,
+                  TERowParallelLinear, TELayerNormColumnParallelLinear, TERowParallelLinear)
 
 
 def layer_spec(backend: str, causal: bool, attention: str = "sdpa") -> ModuleSpec:

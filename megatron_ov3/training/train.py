@@ -167,7 +167,7 @@ def run(args) -> int:
     flops = None
     signals = _Signals()
     n_params = sum(p.numel() for p in model.parameters())
-    log0(f"OV3-{args.model_size} {args.image_size}px: {n_params:,} trainable params | world {world} = "
+    log0(f"OV3-{args.model_size} {args.image_size}px: {n_params:,} trainable params on this model-parallel rank | world {world} = "
          f"TP {args.tensor_model_parallel_size} x PP {args.pipeline_model_parallel_size} x DP {dp_size} | "
          f"micro {plan.micro_batch_size} x accum {plan.grad_accum} x DP {dp_size} = global "
          f"{plan.global_batch_size} | ZeRO-{args.zero_stage} | {'bf16' if args.bf16 else 'fp32'}"
