@@ -30,11 +30,11 @@ MICRO_BATCH=${MICRO_BATCH:-32}
 GLOBAL_BATCH=${GLOBAL_BATCH:-4096}
 TRAIN_SAMPLES=${TRAIN_SAMPLES:-256000000}
 FP8=()
-if python -c "import transformer_engine.pytorch" 2>/dev/null; then FP8=(--fp8-format hybrid); fi
+if "${OV3_PYTHON:-python}" -c "import transformer_engine.pytorch" 2>/dev/null; then FP8=(--fp8-format hybrid); fi
 RESUME=()
 if [[ -n "${FINETUNE_FROM:-}" ]]; then RESUME=(--finetune-from "$FINETUNE_FROM");
 elif [[ -f "$CHECKPOINT_PATH/latest" ]]; then RESUME=(--load "$CHECKPOINT_PATH"); fi
-exec python -u -m megatron_ov3.pretrain \
+exec "${OV3_PYTHON:-python}" -u -m megatron_ov3.pretrain \
   --model-size H --image-size "$IMAGE_SIZE" \
   --data-path "$DATA_PATH" --tokenizer "$TOKENIZER" --vae-path "$VAE_PATH" --num-workers 8 \
   --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" \
@@ -47,4 +47,5 @@ exec python -u -m megatron_ov3.pretrain \
 ':'''
 import os, sys  # noqa: E401  (Python part: run by the DeepSpeed launcher on every rank)
 
+os.environ["OV3_PYTHON"] = sys.executable  # the interpreter the launcher chose (e.g. a virtualenv's)
 os.execvp("bash", ["bash", os.path.abspath(__file__), "--ov3-rank-entry"] + sys.argv[1:])

@@ -14,7 +14,7 @@ shift
 : "${DATA_PATH:?set DATA_PATH (tools/make_synthetic_data.py makes a small dataset)}"
 : "${TOKENIZER:?set TOKENIZER (tools/train_tokenizer.py)}"
 CHECKPOINT_PATH=${CHECKPOINT_PATH:-runs/ov3-tiny}
-exec python -u -m megatron_ov3.pretrain \
+exec "${OV3_PYTHON:-python}" -u -m megatron_ov3.pretrain \
   --model-size tiny --image-size "${IMAGE_SIZE:-64}" --tiny-vae \
   --data-path "$DATA_PATH" --tokenizer "$TOKENIZER" --num-workers "${NUM_WORKERS:-1}" --shuffle-buffer 200 \
   --tensor-model-parallel-size "${TP:-1}" --pipeline-model-parallel-size "${PP:-1}" \
@@ -26,4 +26,5 @@ exec python -u -m megatron_ov3.pretrain \
 ':'''
 import os, sys  # noqa: E401  (Python part: run by the DeepSpeed launcher on every rank)
 
+os.environ["OV3_PYTHON"] = sys.executable  # the interpreter the launcher chose (e.g. a virtualenv's)
 os.execvp("bash", ["bash", os.path.abspath(__file__), "--ov3-rank-entry"] + sys.argv[1:])

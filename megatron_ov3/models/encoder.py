@@ -14,7 +14,7 @@ from torch import nn
 
 from .config import LayerImplConfig, OV3Config
 from .posemb import sincos_2d
-from .transformer import build_block, run_block
+from .transformer import build_block, capture_layer_outputs
 
 
 @dataclass
@@ -60,6 +60,7 @@ class LatentViTEncoder(nn.Module):
     # pipeline hook (megatron schedules call this on every stage but the first)
     def set_input_tensor(self, tensor):
         self._input_tensor = tensor
+        self.block.set_input_tensor(tensor)  # a block without pre_process reads its input from here
 
     def embed(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) latents -> (B, prefix + N, W) token embeddings with position embedding."""
@@ -86,19 +87,21 @@ class LatentViTEncoder(nn.Module):
         return x
 
     def forward(self, latents: Optional[torch.Tensor] = None, output_hidden_states: bool = False):
-        """Full encoder (pre+post process) returns an :class:`EncoderOutput`; an intermediate pipeline stage
-        returns its block output ``(B, S, W)``."""
-        hidden = [] if output_hidden_states else None
+        """With ``post_process``: an :class:`EncoderOutput`. Otherwise (a pipeline stage before the last) the
+        block output in megatron's ``[s, b, h]`` layout, which is what the pipeline schedule sends on; stages
+        after the first read their input (also ``[s, b, h]``) from :meth:`set_input_tensor`."""
         if self.pre_process:
-            x = self.embed(latents)
+            x = self.embed(latents).transpose(0, 1).contiguous()
         else:
             x = self._input_tensor
-        if hidden is not None:
-            hidden.append(x)
-        x = run_block(self.block, x, hidden)
+        hidden = [x.transpose(0, 1)] if output_hidden_states else None
+        with capture_layer_outputs(self.block, enabled=output_hidden_states) as outs:
+            x = self.block(x, attention_mask=None)
         if not self.post_process:
             return x
-        return self.head(x, hidden)
+        if hidden is not None:
+            hidden.extend(o.transpose(0, 1) for o in outs)
+        return self.head(x.transpose(0, 1), hidden)
 
     def head(self, x: torch.Tensor, hidden_states=None) -> EncoderOutput:
         cfg = self.cfg

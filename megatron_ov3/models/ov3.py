@@ -19,6 +19,7 @@ import math
 from typing import Dict, Optional
 
 import torch
+from megatron.core.enums import ModelType
 from torch import nn
 
 from ..losses import contrastive_loss, l1
@@ -61,8 +62,12 @@ class OV3Model(nn.Module):
         self._dp_group_fn = dp_group_fn
 
         self.encoder = LatentViTEncoder(cfg, impl, pre_process=pre_process, post_process=post_process)
+        # what megatron's pipeline schedules read (get_model_config / model_type)
+        self.config = self.encoder.block.config
+        self.model_type = ModelType.encoder_or_decoder
         if post_process:
-            self.decoder = LatentDecoder(cfg, impl)
+            # not named `decoder`: megatron's pipeline schedules treat `model.decoder` as a GPT TransformerBlock
+            self.latent_decoder = LatentDecoder(cfg, impl)
             self.text = TextEncoder(cfg, impl)
             self.caption = CaptionDecoder(cfg, impl)
             # shape (1,), not 0-dim: DeepSpeed broadcasts parameters as byte views, which 0-dim tensors refuse
@@ -100,7 +105,7 @@ class OV3Model(nn.Module):
     def reconstruct(self, images=None, latents=None):
         """(predicted latents, decoded images) without noise; for evaluation and export checks."""
         z = latents if latents is not None else self.latents_of({"images": images})
-        z_hat = self.decoder(self.encoder(z).tokens)
+        z_hat = self.latent_decoder(self.encoder(z).tokens)
         return z_hat, (self.vae.decode(z_hat) if self.vae is not None else None)
 
     def current_logit_scale(self) -> torch.Tensor:
@@ -116,14 +121,15 @@ class OV3Model(nn.Module):
         ``contrastive_acc_t2i``, ``logit_scale``, ``caption_tokens``).
         """
         cfg = self.cfg
-        z = self.latents_of(batch)
-        enc = self.encoder(z)
+        # under pipeline parallelism the first stage needs z as input and the last as reconstruction target
+        z = self.latents_of(batch) if (self.pre_process or self.post_process) else None
+        enc = self.encoder(z if self.pre_process else None)
         if not self.post_process:
-            return enc
+            return enc  # [s, b, h] activations for the next pipeline stage
         out: Dict[str, torch.Tensor] = {}
 
         # reconstruction branch
-        z_hat = self.decoder(enc.tokens, batch.get("noise_seeds"))
+        z_hat = self.latent_decoder(enc.tokens, batch.get("noise_seeds"))
         out["latent_l1"] = l1(z_hat, z)
         rec = cfg.latent_l1_weight * out["latent_l1"]
         if cfg.pixel_l1_weight > 0 or cfg.lpips_weight > 0:
@@ -157,5 +163,13 @@ class OV3Model(nn.Module):
 
 
 def build_model(cfg: OV3Config, impl: Optional[LayerImplConfig] = None, vae: Optional[FrozenVAE] = None, **kw) -> OV3Model:
-    """Build OV3 for the current megatron parallel state (call ``parallel.initialize_model_parallel`` first)."""
+    """Build OV3 (this rank's pipeline stage) for the current megatron parallel state (call
+    ``parallel.initialize_model_parallel`` first). The first stage owns the patch embedding; the last stage owns
+    pooling, the decoder, the text tower, the caption decoder and every loss; the encoder's layers are spread
+    evenly over the stages (the other towers are small next to a billion-parameter encoder and need the
+    encoder's output, so they stay whole on the last stage)."""
+    from megatron.core import parallel_state as ps
+
+    kw.setdefault("pre_process", ps.is_pipeline_first_stage(ignore_virtual=True))
+    kw.setdefault("post_process", ps.is_pipeline_last_stage(ignore_virtual=True))
     return OV3Model(cfg, impl, vae, **kw)

@@ -31,10 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attention-backend", default="sdpa", choices=["sdpa", "unfused"])
 
     g = p.add_argument_group("data")
-    g.add_argument("--data-path", required=True, help="shards, brace notation, sources joined with '::'")
+    g.add_argument("--data-path", default=None, help="shards, brace notation, sources joined with '::'")
+    g.add_argument("--mock-data", action="store_true",
+                   help="deterministic synthetic batches indexed by global sample (layout-independent; tests)")
     g.add_argument("--data-weights", type=float, nargs="+", default=None)
     g.add_argument("--data-resample", action="store_true")
-    g.add_argument("--tokenizer", required=True, help="sentencepiece model (tools/train_tokenizer.py)")
+    g.add_argument("--tokenizer", default=None, help="sentencepiece model (tools/train_tokenizer.py)")
     g.add_argument("--num-workers", type=int, default=2)
     g.add_argument("--shuffle-buffer", type=int, default=1000)
 
@@ -75,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--finetune-from", default=None,
                    help="stage 2: start from this checkpoint's model weights at a new resolution "
                         "(iteration, optimizer, scheduler and data position reset)")
+    g.add_argument("--init-universal", default=None,
+                   help="initialise the model weights from a universal checkpoint folder (e.g. an import)")
+    g.add_argument("--no-save-universal", action="store_true",
+                   help="do not add the layout-independent universal copy to checkpoints (no resharding then)")
     g.add_argument("--keep-optimizer", action="store_true",
                    help="with --finetune-from: also restore the optimizer state")
 
@@ -119,9 +125,6 @@ def validate(args, world_size: int) -> None:
             f"--zero-stage {args.zero_stage} cannot be combined with pipeline parallelism (DeepSpeed refuses "
             f"ZeRO-2/3 with pipelining); use --zero-stage 1"
         )
-    if pp > 1:
-        raise UsageError("--pipeline-model-parallel-size > 1 is not supported by the training loop yet "
-                         "(the model has pipeline stages; the 1F1B schedule integration is pending)")
     if (args.train_iters is None) == (args.train_samples is None):
         raise UsageError("give exactly one of --train-iters and --train-samples")
     if (args.train_iters or 1) < 1 or (args.train_samples or 1) < 1:
@@ -136,9 +139,11 @@ def validate(args, world_size: int) -> None:
         raise UsageError("--log-interval must be >= 1")
     if args.lr <= 0 or args.min_lr < 0 or args.min_lr > args.lr:
         raise UsageError("need 0 <= --min-lr <= --lr and --lr > 0")
+    if not args.mock_data and not (args.data_path and args.tokenizer):
+        raise UsageError("give --data-path and --tokenizer (or --mock-data)")
+    if sum(bool(x) for x in (args.load, args.finetune_from, args.init_universal)) > 1:
+        raise UsageError("--load, --finetune-from and --init-universal are exclusive")
     if not args.tiny_vae and not args.vae_path:
         raise UsageError("give --vae-path (local FLUX.1 VAE folder) or --tiny-vae")
-    if args.load and args.finetune_from:
-        raise UsageError("--load (resume) and --finetune-from (new stage) are exclusive")
     if args.keep_optimizer and not args.finetune_from:
         raise UsageError("--keep-optimizer only applies with --finetune-from")

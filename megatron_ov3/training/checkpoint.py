@@ -65,7 +65,8 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(engine, directory: str, iteration: int, client_state: dict, model_config: dict,
-         keep_last: Optional[int] = None) -> str:
+         keep_last: Optional[int] = None, extra=None) -> str:
+    """Collective. ``extra(partial_dir)`` adds more files (the universal copy) before the rename."""
     tag = tag_for(iteration)
     partial = tag + ".partial"
     rank = dist.get_rank()
@@ -75,6 +76,8 @@ def save(engine, directory: str, iteration: int, client_state: dict, model_confi
     dist.barrier()
     engine.save_checkpoint(directory, tag=partial, client_state=client_state, save_latest=False)
     torch.save(rng_state(), os.path.join(directory, partial, f"rng_rank{rank}.pt"))
+    if extra is not None:
+        extra(os.path.join(directory, partial))
     if rank == 0:
         with open(os.path.join(directory, partial, "ov3_config.json"), "w") as f:
             json.dump(model_config, f, indent=1, default=str)

@@ -16,10 +16,12 @@ import torch.distributed as dist
 from .. import parallel
 from ..cli import UsageError
 from ..data import DataConfig, DataIterator
+from ..data.mock import MockData
 from ..data.tokenizer import Tokenizer
 from ..models import FrozenVAE, LayerImplConfig, LOSS_NAMES, build_model, get_config
 from ..models.specs import te_available
 from . import checkpoint as ckpt
+from . import universal
 from .arguments import batch_plan, validate
 from .flops import step_flops_per_sample
 from .mpu import MegatronMPU
@@ -95,7 +97,7 @@ def run(args) -> int:
     plan = batch_plan(args, dp_size)
     total_iters = args.train_iters or -(-args.train_samples // plan.global_batch_size)
 
-    tokenizer = Tokenizer(args.tokenizer)
+    vocab = Tokenizer(args.tokenizer).vocab_size if args.tokenizer else get_config(args.model_size).vocab_size
     fp8 = args.fp8_format
     if fp8 and not te_available():
         log0(f"warning: --fp8-format {fp8} ignored: Transformer Engine is not installed")
@@ -103,7 +105,7 @@ def run(args) -> int:
     cfg = get_config(
         args.model_size, image_size=args.image_size, class_token=args.class_token,
         register_tokens=args.register_tokens, decoder_noise_tau=args.decoder_noise_tau,
-        vocab_size=tokenizer.vocab_size, lpips_weight=args.lpips_weight, lpips_path=args.lpips_path,
+        vocab_size=vocab, lpips_weight=args.lpips_weight, lpips_path=args.lpips_path,
         pixel_l1_weight=args.pixel_l1_weight, latent_l1_weight=args.latent_l1_weight,
         reconstruction_weight=args.reconstruction_weight, caption_weight=args.caption_weight,
         contrastive_weight=args.contrastive_weight,
@@ -116,14 +118,18 @@ def run(args) -> int:
     vae = FrozenVAE.tiny() if args.tiny_vae else FrozenVAE.from_pretrained(args.vae_path)
     model = build_model(cfg, impl, vae=vae)
     model.to_frozen(device)
+    if args.init_universal:  # into the bare model, before ZeRO partitions anything (works for every stage)
+        meta = universal.load_universal(model, args.init_universal, load_optimizer=False)
+        log0(f"initialised weights from universal checkpoint {args.init_universal} ({meta.get('source', '')})")
 
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
                             betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
                             **({"fused": True} if device.type == "cuda" else {}))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args, total_iters))
-    ds_config = {
-        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
-        "gradient_accumulation_steps": plan.grad_accum,
+    pipelined = args.pipeline_model_parallel_size > 1
+    ds_config = {  # under pipelining the schedule accumulates micro-batches itself: one DeepSpeed "micro" step
+        "train_micro_batch_size_per_gpu": plan.micro_batch_size * (plan.grad_accum if pipelined else 1),
+        "gradient_accumulation_steps": 1 if pipelined else plan.grad_accum,
         "train_batch_size": plan.global_batch_size,
         "gradient_clipping": args.clip_grad,
         "zero_optimization": {"stage": args.zero_stage},
@@ -137,30 +143,23 @@ def run(args) -> int:
 
     iteration, consumed, data_state = 0, 0, None
     if args.load:
-        tag, client, rng = ckpt.load(engine, args.load)
-        iteration, consumed = int(client.get("iteration", 0)), int(client.get("consumed_samples", 0))
-        states = client.get("data_states") or []
-        if len(states) == dp_size:
-            data_state = states[dp_rank]
-        else:
-            log0(f"warning: checkpoint has data positions for {len(states)} data-parallel ranks, this run has "
-                 f"{dp_size}; the data stream restarts (resume is not exact)")
-        if rng is not None:
-            ckpt.set_rng_state(rng)
-        log0(f"resumed from {os.path.join(args.load, tag)} at iteration {iteration} ({consumed} samples)")
+        iteration, consumed, data_state = _resume(engine, args.load, dp_size, dp_rank, args.zero_stage)
     elif args.finetune_from:
-        tag, _, _ = ckpt.load(engine, args.finetune_from, module_only=not args.keep_optimizer,
-                              load_optimizer=args.keep_optimizer)
-        log0(f"stage start from {os.path.join(args.finetune_from, tag)} at {args.image_size}px "
-             f"(sincos position embeddings re-evaluated on the new grid; optimizer "
-             f"{'kept' if args.keep_optimizer else 'reset'})")
+        _restore_weights(engine, args.finetune_from, args.zero_stage, keep_optimizer=args.keep_optimizer)
+        log0(f"stage start from {args.finetune_from} at {args.image_size}px (sincos position embeddings "
+             f"re-evaluated on the new grid; optimizer {'kept' if args.keep_optimizer else 'reset'})")
 
-    data = DataIterator(
-        DataConfig(data_path=args.data_path, tokenizer=args.tokenizer, micro_batch_size=plan.micro_batch_size,
-                   image_size=args.image_size, data_weights=args.data_weights, resample=args.data_resample,
-                   num_workers=args.num_workers, shuffle_buffer=args.shuffle_buffer, seed=args.seed,
-                   text_length=cfg.text_context_length, caption_length=cfg.caption_length),
-        dp_rank, dp_size, state=data_state)
+    if args.mock_data:
+        data = MockData(args.image_size, cfg.vocab_size, plan.micro_batch_size, plan.grad_accum, dp_rank, dp_size,
+                        cfg.text_context_length, cfg.caption_length, seed=args.seed,
+                        state=data_state if data_state and "consumed" in data_state else {"consumed": consumed})
+    else:
+        data = DataIterator(
+            DataConfig(data_path=args.data_path, tokenizer=args.tokenizer, micro_batch_size=plan.micro_batch_size,
+                       image_size=args.image_size, data_weights=args.data_weights, resample=args.data_resample,
+                       num_workers=args.num_workers, shuffle_buffer=args.shuffle_buffer, seed=args.seed,
+                       text_length=cfg.text_context_length, caption_length=cfg.caption_length),
+            dp_rank, dp_size, state=data_state if data_state and "raw_pos" in data_state else None)
 
     writer = _tensorboard(args)
     wandb_run = _wandb(args, cfg)
@@ -180,8 +179,23 @@ def run(args) -> int:
     engine.train()
     stop_reason = None
     while iteration < total_iters:
+        if pipelined:
+            outs, finite = _pipeline_step(engine, data, device, plan)
+            if finite:
+                bad_streak = 0
+            else:
+                skipped_total += 1
+                bad_streak += 1
+                log0(f"iteration {iteration + 1}: non-finite loss, step skipped ({bad_streak} in a row)")
+                if bad_streak >= args.max_bad_steps:
+                    stop_reason = (f"stopping: {bad_streak} consecutive non-finite losses "
+                                   f"(--max-bad-steps {args.max_bad_steps}); lower --lr or check the data")
+            for out in outs:
+                for k, v in out.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                n_logged += 1
         done = 0
-        while done < plan.grad_accum:
+        while not pipelined and done < plan.grad_accum:
             batch = {k: v.to(device, non_blocking=True) for k, v in next(data).items()}
             out = engine(batch)
             loss = out["total_loss"]
@@ -274,6 +288,105 @@ def run(args) -> int:
     return 0
 
 
+def _pipeline_step(engine, data, device, plan):
+    """One iteration under pipeline parallelism: megatron-core's 1F1B schedule runs forward and backward of
+    all ``grad_accum`` micro-batches over the stages; then DeepSpeed reduces the gradients over the
+    data-parallel group and its (ZeRO-1) optimizer steps. Returns (per-micro-batch metrics on the last stage,
+    all losses finite)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    model = engine.module
+    cfg = model.cfg
+
+    def forward_step(data_iterator, module):
+        batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()}
+        out = module(batch)
+        if not module.post_process:
+            return out, None
+        return out["total_loss"], lambda loss: (loss, {k: v.detach().float() for k, v in out.items()})
+
+    seq = (cfg.image_size // cfg.pixels_per_token) ** 2 + cfg.num_prefix_tokens
+    outs = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=data, model=[model], num_microbatches=plan.grad_accum,
+        seq_length=seq, micro_batch_size=plan.micro_batch_size, forward_only=False,
+    )
+    last = ps.is_pipeline_last_stage(ignore_virtual=True)
+    ok = all(bool(torch.isfinite(o["total_loss"]).item()) for o in outs) if last else True
+    flag = torch.tensor([1.0 if ok else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    if flag.item() == 0:
+        for p in model.parameters():
+            p.grad = None
+        return [], False
+    engine.allreduce_gradients()
+    engine.step()
+    # metrics travel from the last stage to every rank of the pipeline group (rank 0 logs)
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        holder = [[{k: float(v) for k, v in o.items()} for o in outs] if last else None]
+        src = ps.get_pipeline_model_parallel_last_rank()
+        dist.broadcast_object_list(holder, src=src, group=ps.get_pipeline_model_parallel_group())
+        return holder[0], True
+    return [{k: float(v) for k, v in o.items()} for o in outs], True
+
+
+def _layout(zero_stage: int) -> dict:
+    from megatron.core import parallel_state as ps
+
+    return {"tensor_parallel": ps.get_tensor_model_parallel_world_size(),
+            "pipeline_stages": ps.get_pipeline_model_parallel_world_size(),
+            "data_parallel": ps.get_data_parallel_world_size(), "zero_stage": zero_stage}
+
+
+def _same_layout(directory: str, tag: str, zero_stage: int) -> bool:
+    path = os.path.join(directory, tag, "universal", "meta.json")
+    if not os.path.isfile(path):
+        return True  # no universal copy: only the DeepSpeed files can be used
+    meta = json.load(open(path))
+    return all(meta.get(k) == v for k, v in _layout(zero_stage).items())
+
+
+def _resume(engine, directory, dp_size, dp_rank, zero_stage):
+    """Exact resume (DeepSpeed files) when the layout is unchanged; otherwise reshard from the universal copy."""
+    tag = ckpt.read_latest(directory) if os.path.isdir(directory) else None
+    if tag is None:
+        raise FileNotFoundError(f"--load {directory!r} holds no checkpoint ('latest' missing)")
+    if _same_layout(directory, tag, zero_stage):
+        tag, client, rng = ckpt.load(engine, directory)
+        if rng is not None:
+            ckpt.set_rng_state(rng)
+        how = "same layout"
+    else:
+        client = universal.load_universal(engine, os.path.join(directory, tag, "universal"))
+        engine.lr_scheduler.load_state_dict(client["scheduler"])
+        for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
+            group["lr"] = lr
+        how = (f"resharded from TP{client['tensor_parallel']} x PP{client['pipeline_stages']} x "
+               f"DP{client['data_parallel']} ZeRO-{client['zero_stage']}")
+    iteration, consumed = int(client.get("iteration", 0)), int(client.get("consumed_samples", 0))
+    states = client.get("data_states") or []
+    data_state = None
+    if len(states) == dp_size:
+        data_state = states[dp_rank]
+    elif states and "consumed" in (states[0] or {}):
+        data_state = {"consumed": consumed}  # mock data: the position is layout-independent
+    else:
+        log0(f"warning: checkpoint has data positions for {len(states)} data-parallel ranks, this run has "
+             f"{dp_size}; the data stream restarts (resume is not exact)")
+    log0(f"resumed from {os.path.join(directory, tag)} at iteration {iteration} ({consumed} samples; {how})")
+    return iteration, consumed, data_state
+
+
+def _restore_weights(engine, directory, zero_stage, keep_optimizer):
+    tag = ckpt.read_latest(directory) if os.path.isdir(directory) else None
+    if tag is None:
+        raise FileNotFoundError(f"{directory!r} holds no checkpoint ('latest' missing)")
+    if _same_layout(directory, tag, zero_stage):
+        ckpt.load(engine, directory, module_only=not keep_optimizer, load_optimizer=keep_optimizer)
+    else:
+        universal.load_universal(engine, os.path.join(directory, tag, "universal"), load_optimizer=keep_optimizer)
+
+
 def _save(engine, args, iteration, consumed, data, cfg):
     from megatron.core import parallel_state as ps
 
@@ -282,7 +395,15 @@ def _save(engine, args, iteration, consumed, data, cfg):
     client = {"iteration": iteration, "consumed_samples": consumed, "data_states": states,
               "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}}
     t = time.time()
-    tag = ckpt.save(engine, args.save, iteration, client, cfg.to_dict(), args.keep_last)
+    extra = None
+    if args.zero_stage == 3 and not args.no_save_universal:
+        log0("note: ZeRO-3 checkpoints get no universal copy (resume needs the same layout)")
+    if not args.no_save_universal and args.zero_stage < 3:
+        meta = dict(client, optimizer_step=iteration, scheduler=engine.lr_scheduler.state_dict(),
+                    **_layout(args.zero_stage))
+        meta.pop("args")
+        extra = lambda d: universal.save_universal(engine, d, meta)  # noqa: E731
+    tag = ckpt.save(engine, args.save, iteration, client, cfg.to_dict(), args.keep_last, extra=extra)
     log0(f"saved checkpoint {os.path.join(args.save, tag)} in {time.time() - t:.1f}s")
 
 

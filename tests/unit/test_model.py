@@ -23,7 +23,7 @@ def test_tower_shapes(mp1):
     assert all(h.shape == (2, 16, 64) for h in enc.hidden_states)
     torch.testing.assert_close(enc.hidden_states[-1], enc.tokens)  # tokens are the raw last-block output
     model.eval()
-    z_hat = model.decoder(enc.tokens)
+    z_hat = model.latent_decoder(enc.tokens)
     assert z_hat.shape == z.shape
     assert model.vae.decode(z_hat).shape == x.shape
     assert model.text(torch.randint(1, 512, (2, 80))).shape == (2, cfg.embed_dim)
@@ -107,7 +107,7 @@ def test_decoder_noise_train_only_and_split_invariant(mp1):
     model = tiny_model()
     model.eval()
     tok = torch.randn(2, 16, 64)
-    torch.testing.assert_close(model.decoder(tok), model.decoder(tok))
+    torch.testing.assert_close(model.latent_decoder(tok), model.latent_decoder(tok))
 
 
 def test_overfit_one_batch_lowers_every_loss(mp1):
