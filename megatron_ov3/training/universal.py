@@ -75,6 +75,32 @@ def _full_values(engine, param) -> Dict[str, Optional[torch.Tensor]]:
     return out
 
 
+def _relink_optimizer_states(engine) -> None:
+    """DeepSpeed's ZeRO-1/2 optimizer links each parameter to its slice of the Adam state once, after its first
+    step; a param group whose state did not exist yet at that moment (seen for the no-weight-decay group) stays
+    unlinked and ``safe_get_full_optimizer_state`` fails on it. Re-link now that every state exists."""
+    opt = getattr(engine, "optimizer", None)
+    if opt is not None and hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
+
+
+def _ensure_adam_state(engine) -> None:
+    """Before the first step the torch AdamW under ZeRO has no state yet; create the (zero) state AdamW would
+    create, so the loaded moments have somewhere to go."""
+    opt = getattr(engine, "optimizer", None)
+    flats = getattr(opt, "single_partition_of_fp32_groups", None)
+    if not flats:
+        return
+    torch_opt = _torch_optimizer(engine)
+    for flat in flats:
+        st = torch_opt.state[flat]
+        if "exp_avg" not in st:
+            st["step"] = torch.tensor(0.0)
+            st["exp_avg"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+
+
 def _tp_gather(t: torch.Tensor, param) -> torch.Tensor:
     from megatron.core import parallel_state as ps
 
@@ -101,6 +127,7 @@ def save_universal(engine, directory: str, meta: dict) -> None:
     from safetensors.torch import save_file
 
     model = _unwrap(engine)
+    _relink_optimizer_states(engine)
     offsets = _layer_offsets(model)
     tensors = {}
     for name, p in model.named_parameters():
@@ -156,6 +183,9 @@ def load_universal(engine, directory: str, load_optimizer: bool = True) -> dict:
     offsets = _layer_offsets(model)
     missing = []
     torch_opt = _torch_optimizer(engine) if load_optimizer else None
+    if load_optimizer:
+        _ensure_adam_state(engine)
+        _relink_optimizer_states(engine)
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
