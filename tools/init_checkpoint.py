@@ -26,7 +26,8 @@ def main(argv=None):
     if args.vocab_size:
         kw["vocab_size"] = args.vocab_size
     model = build_model(get_config(args.model_size, **kw))
-    save_universal(model, args.output, {"iteration": 0, "consumed_samples": 0, "source": f"init seed {args.seed}"})
+    save_universal(model, args.output, {"iteration": 0, "consumed_samples": 0, "source": f"init seed {args.seed}",
+                                        "model_config": model.cfg.to_dict()})
     print(f"wrote {args.output}/universal ({sum(p.numel() for p in model.parameters()):,} parameters)")
     torch.distributed.destroy_process_group()
 

@@ -400,6 +400,7 @@ def _save(engine, args, iteration, consumed, data, cfg):
         log0("note: ZeRO-3 checkpoints get no universal copy (resume needs the same layout)")
     if not args.no_save_universal and args.zero_stage < 3:
         meta = dict(client, optimizer_step=iteration, scheduler=engine.lr_scheduler.state_dict(),
+                    model_config=cfg.to_dict(), vae={"tiny": bool(args.tiny_vae), "path": args.vae_path},
                     **_layout(args.zero_stage))
         meta.pop("args")
         extra = lambda d: universal.save_universal(engine, d, meta)  # noqa: E731

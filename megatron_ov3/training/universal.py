@@ -215,7 +215,11 @@ def load_universal(engine, directory: str, load_optimizer: bool = True) -> dict:
                 safe_set_full_optimizer_state(p, s, k)
             else:
                 torch_opt.state.setdefault(p, {})[k] = s.clone()
-    if missing:
+    if missing and meta.get("partial"):
+        if dist.is_initialized() and dist.get_rank() == 0:
+            print(f"universal checkpoint is partial ({meta.get('source', '')}): {len(missing)} parameters keep "
+                  f"their initialisation (e.g. {missing[:2]})", flush=True)
+    elif missing:
         raise ValueError(f"universal checkpoint lacks {len(missing)} parameters, e.g. {missing[:3]} "
                          f"(different model size or options?)")
     if load_optimizer and "optimizer_step" in meta:
