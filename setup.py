@@ -24,6 +24,7 @@ setup(
         "braceexpand",
         "pillow",
         "numpy",
+        "scipy",
         "pyyaml",
         "tqdm",
         "tensorboard",

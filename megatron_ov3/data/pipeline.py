@@ -212,6 +212,11 @@ class ShardStream(IterableDataset):
                     f"--image-size {cfg.image_size}"
                 )
             out["latents"] = torch.from_numpy(lat.astype(np.float32))
+        if "cls" in smp:  # class label (webdataset convention), used by zero-shot evaluation
+            try:
+                out["labels"] = torch.tensor(int(smp["cls"].decode().strip()))
+            except ValueError:
+                pass
         out["text_ids"] = torch.from_numpy(self.tokenizer.encode(caption, cfg.text_length))
         out["caption_ids"] = torch.from_numpy(self.tokenizer.encode(caption, cfg.caption_length))
         out["noise_seeds"] = torch.tensor(noise_seed(cfg.seed, smp["__url__"], smp["__key__"], smp["__epoch__"]))

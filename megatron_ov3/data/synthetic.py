@@ -18,7 +18,7 @@ PLACES = {"top left": (0.3, 0.3), "top right": (0.7, 0.3), "bottom left": (0.3, 
 
 
 def synthetic_sample(rng: random.Random, size: int = 64):
-    """(JPEG bytes, caption) of one random scene."""
+    """(JPEG bytes, caption, shape index) of one random scene (the index is the zero-shot class label)."""
     from PIL import Image, ImageDraw
 
     fg, bg = rng.sample(list(COLORS), 2)
@@ -39,7 +39,7 @@ def synthetic_sample(rng: random.Random, size: int = 64):
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=90)
     caption = f"a {'large' if big else 'small'} {fg} {shape} in the {place} on a {bg} background"
-    return buf.getvalue(), caption
+    return buf.getvalue(), caption, SHAPES.index(shape)
 
 
 def write_synthetic_shards(out_dir: str, num_samples: int, samples_per_shard: int = 100, image_size: int = 64,
@@ -49,8 +49,8 @@ def write_synthetic_shards(out_dir: str, num_samples: int, samples_per_shard: in
     rng = random.Random(seed)
     with ShardWriter(out_dir, samples_per_shard, prefix=prefix) as w:
         for i in range(num_samples):
-            jpg, caption = synthetic_sample(rng, image_size)
-            files = {"jpg": jpg, "txt": caption.encode()}
+            jpg, caption, label = synthetic_sample(rng, image_size)
+            files = {"jpg": jpg, "txt": caption.encode(), "cls": str(label).encode()}
             if corrupt_every and i % corrupt_every == corrupt_every - 1:
                 kind = (i // corrupt_every) % 3
                 if kind == 0:

@@ -84,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-optimizer", action="store_true",
                    help="with --finetune-from: also restore the optimizer state")
 
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval-data-path", default=None, help="held-out image shards for in-training evaluation")
+    g.add_argument("--eval-interval", type=int, default=None, help="evaluate every N iterations")
+    g.add_argument("--eval-batches", type=int, default=10, help="micro-batches per evaluation and rank")
+    g.add_argument("--eval-classnames", default=None, help="class-names file for zero-shot classification")
+
     g = p.add_argument_group("logging")
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--tensorboard-dir", default=None)
@@ -145,5 +151,9 @@ def validate(args, world_size: int) -> None:
         raise UsageError("--load, --finetune-from and --init-universal are exclusive")
     if not args.tiny_vae and not args.vae_path:
         raise UsageError("give --vae-path (local FLUX.1 VAE folder) or --tiny-vae")
+    if args.eval_interval and not args.eval_data_path:
+        raise UsageError("--eval-interval needs --eval-data-path")
+    if args.eval_data_path and not args.tokenizer:
+        raise UsageError("--eval-data-path needs --tokenizer")
     if args.keep_optimizer and not args.finetune_from:
         raise UsageError("--keep-optimizer only applies with --finetune-from")

@@ -264,6 +264,8 @@ def run(args) -> int:
                               step=iteration)
             sums, n_logged, samples_since_log, t_log = {}, 0, 0, time.time()
 
+        if args.eval_interval and iteration % args.eval_interval == 0:
+            _evaluate(engine, args, cfg, iteration, device, writer)
         stop = signals.any_rank(device)
         exit_now = bool(args.exit_interval and iteration % args.exit_interval == 0 and iteration < total_iters)
         due = args.save and (
@@ -328,6 +330,41 @@ def _pipeline_step(engine, data, device, plan):
         dist.broadcast_object_list(holder, src=src, group=ps.get_pipeline_model_parallel_group())
         return holder[0], True
     return [{k: float(v) for k, v in o.items()} for o in outs], True
+
+
+def _evaluate(engine, args, cfg, iteration, device, writer):
+    """In-training evaluation on held-out shards (every data-parallel rank takes its share)."""
+    from megatron.core import parallel_state as ps
+
+    from ..eval.evaluate import evaluate, format_table, read_lines, save_grid
+
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        log0("note: in-training evaluation is skipped under pipeline parallelism; run tools/evaluate.py on a checkpoint")
+        return
+    data = DataIterator(DataConfig(data_path=args.eval_data_path, tokenizer=args.tokenizer, epochs=1,
+                                   micro_batch_size=args.micro_batch_size, image_size=args.image_size, num_workers=0,
+                                   shuffle_buffer=0, seed=args.seed, text_length=cfg.text_context_length,
+                                   caption_length=cfg.caption_length),
+                        ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+    classnames = read_lines(args.eval_classnames) if args.eval_classnames else None
+    res = evaluate(engine.module, data, device, Tokenizer(args.tokenizer), classnames,
+                   max_batches=args.eval_batches, group=ps.get_data_parallel_group())
+    rep = res["report"]
+    log0(f"evaluation at iteration {iteration}: " + " | ".join(
+        f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in rep.items()))
+    if dist.get_rank() == 0:
+        if writer is not None:
+            for k, v in rep.items():
+                writer.add_scalar(f"eval/{k}", v, iteration)
+            if res["grid"] is not None:
+                writer.add_image("eval/reconstructions", res["grid"], iteration)
+            writer.flush()
+        if args.save:
+            os.makedirs(os.path.join(args.save, "eval"), exist_ok=True)
+            if res["grid"] is not None:
+                save_grid(res["grid"], os.path.join(args.save, "eval", f"grid_{iteration:07d}.png"))
+            with open(os.path.join(args.save, "eval", f"report_{iteration:07d}.json"), "w") as f:
+                json.dump(rep, f, indent=1)
 
 
 def _layout(zero_stage: int) -> dict:

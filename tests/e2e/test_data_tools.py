@@ -31,7 +31,7 @@ def images(tmp_path_factory):
     rng = random.Random(0)
     rows = []
     for i in range(10):
-        jpg, cap = synthetic_sample(rng, 40)
+        jpg, cap, _ = synthetic_sample(rng, 40)
         (d / f"img{i}.jpg").write_bytes(jpg)
         if i != 9:
             (d / f"img{i}.txt").write_text(cap)

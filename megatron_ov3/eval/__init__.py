@@ -1,0 +1,1 @@
+"""Evaluation: reconstruction, retrieval and zero-shot metrics, picture grids."""

@@ -1,0 +1,110 @@
+"""Evaluation of an OV3 model on held-out shards, data-parallel over processes.
+
+Reconstruction (PSNR, SSIM, LPIPS, rFID through the exported path: VAE encode -> encoder -> decoder -> VAE
+decode, no noise), zero-shot retrieval recall@1/5/10 over the held-out pairs, zero-shot classification top-1/5
+when samples carry a label (``KEY.cls``) and class names are given, and a picture grid of originals next to
+reconstructions. Each rank evaluates its share of the shards; rank 0 gathers and reports.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from . import metrics as M
+
+DEFAULT_TEMPLATES = ("a photo of a {}.", "a {}.", "an image of a {}.")
+
+
+@torch.no_grad()
+def class_embeddings(model, tokenizer, classnames: Sequence[str], templates: Sequence[str], device) -> torch.Tensor:
+    """Per class: the normalised mean of the text embeddings of its prompts (CLIP's zero-shot recipe)."""
+    out = []
+    length = model.cfg.text_context_length
+    for name in classnames:
+        ids = torch.stack([torch.from_numpy(tokenizer.encode(t.format(name), length)) for t in templates]).to(device)
+        e = torch.nn.functional.normalize(model.encode_text(ids).float(), dim=-1).mean(0)
+        out.append(torch.nn.functional.normalize(e, dim=-1))
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def evaluate(model, batches, device, tokenizer=None, classnames: Optional[Sequence[str]] = None,
+             templates: Sequence[str] = DEFAULT_TEMPLATES, lpips=None, inception=None, max_batches: Optional[int] = None,
+             group=None, grid_images: int = 8) -> Dict:
+    """Metrics over ``batches`` (this rank's share), gathered over ``group``. Returns the report on every rank."""
+    was_training = model.training
+    model.eval()
+    acc: Dict[str, List[torch.Tensor]] = {k: [] for k in ("psnr", "ssim", "lpips", "img", "txt", "labels")}
+    feats_real, feats_fake = [], []
+    grid = None
+    for i, batch in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        batch = {k: v.to(device) for k, v in batch.items()}
+        if "images" not in batch:
+            raise ValueError("evaluation needs image shards (reconstruction is measured in pixels)")
+        x = batch["images"]
+        enc = model.encode_image(images=x)
+        z_hat = model.latent_decoder(enc.tokens)
+        x_hat = model.vae.decode(z_hat).clamp(-1, 1)
+        acc["psnr"].append(M.psnr(x_hat, x).cpu())
+        acc["ssim"].append(M.ssim(x_hat, x).cpu())
+        if lpips is not None:
+            acc["lpips"].append(lpips(x_hat.float(), x.float()).cpu())
+        if inception is not None:
+            feats_real.append(torch.from_numpy(inception(x)))
+            feats_fake.append(torch.from_numpy(inception(x_hat)))
+        acc["img"].append(enc.embedding.float().cpu())
+        acc["txt"].append(model.encode_text(batch["text_ids"]).float().cpu())
+        if "labels" in batch:
+            acc["labels"].append(batch["labels"].cpu())
+        if grid is None:
+            grid = M.image_grid(x, x_hat, grid_images)
+    local = {k: (torch.cat(v) if v else None) for k, v in acc.items()}
+    local["feats_real"] = torch.cat(feats_real) if feats_real else None
+    local["feats_fake"] = torch.cat(feats_fake) if feats_fake else None
+    if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
+        parts = [None] * dist.get_world_size(group)
+        dist.all_gather_object(parts, local, group=group)
+        merged = {k: [p[k] for p in parts if p[k] is not None] for k in local}
+        local = {k: (torch.cat(v) if v else None) for k, v in merged.items()}
+    report: Dict = {"num_images": int(local["psnr"].numel()) if local["psnr"] is not None else 0}
+    if report["num_images"] == 0:
+        raise ValueError("the evaluation data yielded no image")
+    report["psnr"] = float(local["psnr"].mean())
+    report["ssim"] = float(local["ssim"].mean())
+    if local["lpips"] is not None:
+        report["lpips"] = float(local["lpips"].mean())
+    if local["feats_real"] is not None:
+        report["rfid"] = M.frechet_distance(local["feats_real"].numpy(), local["feats_fake"].numpy())
+    report.update({f"retrieval_{k}": v for k, v in M.recall_at_k(local["img"], local["txt"]).items()})
+    if classnames and local["labels"] is not None and tokenizer is not None:
+        cls = class_embeddings(model, tokenizer, classnames, templates, device).cpu()
+        report.update({f"zeroshot_{k}": v for k, v in M.zero_shot_topk(local["img"], cls, local["labels"]).items()})
+    if was_training:
+        model.train()
+    return {"report": report, "grid": grid}
+
+
+def format_table(report: Dict) -> str:
+    w = max(len(k) for k in report)
+    return "\n".join(f"{k:<{w}}  {v:.4f}" if isinstance(v, float) else f"{k:<{w}}  {v}" for k, v in report.items())
+
+
+def save_grid(grid: torch.Tensor, path: str) -> None:
+    from PIL import Image
+
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+
+
+def read_lines(path: str) -> List[str]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path!r} not found")
+    lines = [l.strip() for l in open(path, encoding="utf-8") if l.strip()]
+    if not lines:
+        raise ValueError(f"{path!r} is empty")
+    return lines

@@ -1,0 +1,58 @@
+"""Metrics against known answers."""
+import math
+
+import numpy as np
+import torch
+
+from megatron_ov3.eval import metrics as M
+
+
+def test_psnr_identical_is_capped_and_ssim_is_one():
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    assert torch.all(M.psnr(x, x) == M.PSNR_CAP)
+    torch.testing.assert_close(M.ssim(x, x), torch.ones(3))
+
+
+def test_psnr_known_noise_level():
+    x = torch.zeros(2, 3, 64, 64)
+    y = x.clone()
+    y[..., ::2] += 0.1  # MSE = 0.1^2 / 2 exactly
+    expected = 10 * math.log10(4 / (0.01 / 2))
+    torch.testing.assert_close(M.psnr(y, x), torch.full((2,), expected), atol=1e-4, rtol=0)
+
+
+def test_ssim_drops_with_noise():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    a = M.ssim(x + 0.05 * torch.randn(x.shape, generator=g), x)
+    b = M.ssim(x + 0.5 * torch.randn(x.shape, generator=g), x)
+    assert torch.all(a < 1) and torch.all(b < a)
+
+
+def test_recall_identical_embeddings_is_one():
+    e = torch.randn(20, 8)
+    r = M.recall_at_k(e, e.clone())
+    assert all(v == 1.0 for v in r.values())
+    shuffled = M.recall_at_k(e, e[torch.arange(19, -1, -1)])
+    assert shuffled["i2t_R@1"] < 0.2
+
+
+def test_zero_shot_topk():
+    cls = torch.eye(4)
+    img = torch.eye(4)[[0, 1, 2, 3, 0]] + 0.01
+    labels = torch.tensor([0, 1, 2, 3, 1])
+    r = M.zero_shot_topk(img, cls, labels, ks=(1, 5))
+    assert abs(r["top1"] - 0.8) < 1e-6 and r["top5"] == 1.0
+
+
+def test_frechet_distance_known_gaussians():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(20000, 3))
+    assert abs(M.frechet_distance(a, a)) < 1e-6
+    b = rng.normal(size=(20000, 3)) * 2 + 1  # mean shift 1 per dim, std 2: FID = 3*1 + 3*(1 + 4 - 2*2) = 6
+    assert abs(M.frechet_distance(a, b) - 6.0) < 0.15
+
+
+def test_image_grid_shape():
+    g = M.image_grid(torch.zeros(3, 3, 8, 8), torch.ones(3, 3, 8, 8))
+    assert g.shape == (3, 24, 16) and g.dtype == torch.uint8 and g[0, 0, 0] == 128 and g[0, 0, 15] == 255

@@ -1,0 +1,76 @@
+#!/usr/bin/env python
+"""Evaluate a megatron_ov3 checkpoint on held-out image shards: reconstruction (PSNR, SSIM, LPIPS, rFID),
+retrieval recall@1/5/10, zero-shot classification (with --classnames), picture grid. Data-parallel: launch with
+torchrun/deepspeed for several processes (each takes its share of the shards)."""
+import json
+import os
+
+import _bootstrap  # noqa: F401
+from megatron_ov3.cli import Parser, UsageError, exit_with
+
+
+def main(argv=None):
+    p = Parser(description=__doc__)
+    p.add_argument("--load", required=True, help="checkpoint folder (any layout; its universal copy is used)")
+    p.add_argument("--untrained", action="store_true", help="evaluate the architecture at initialisation instead")
+    p.add_argument("--data-path", required=True, help="held-out image shards")
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--vae-path", default=None, help="default: the VAE training used (--tiny-vae runs: the toy VAE)")
+    p.add_argument("--micro-batch-size", type=int, default=32)
+    p.add_argument("--max-batches", type=int, default=None)
+    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--classnames", default=None, help="file, one class name per line (label i = line i)")
+    p.add_argument("--templates", default=None, help="file of prompt templates with '{}' (default: 3 CLIP-style)")
+    p.add_argument("--lpips-path", default=None, help="local LPIPS-VGG weights")
+    p.add_argument("--inception-weights", default=None, help="local InceptionV3 weights for rFID (torch-fidelity)")
+    p.add_argument("--output", required=True, help="folder for report.json and grid.png")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the DeepSpeed launcher")
+    args = p.parse_args(argv)
+    import torch
+    import torch.distributed as dist
+
+    from megatron_ov3 import parallel
+    from megatron_ov3.data import DataConfig, DataIterator, Tokenizer
+    from megatron_ov3.eval.evaluate import DEFAULT_TEMPLATES, evaluate, format_table, read_lines, save_grid
+    from megatron_ov3.eval.metrics import inception_feature_extractor
+    from megatron_ov3.export.convert import _vae_for, load_source, resolve_universal
+    from megatron_ov3.models import OV3Config, build_model
+    from megatron_ov3.models.lpips import LPIPS
+    from megatron_ov3.training.universal import load_universal
+
+    cfg_dict, _, meta = load_source(args.load, progress=False)
+    classnames = read_lines(args.classnames) if args.classnames else None
+    templates = read_lines(args.templates) if args.templates else DEFAULT_TEMPLATES
+    if any("{}" not in t for t in templates):
+        raise UsageError("every template needs a '{}' for the class name")
+    parallel.initialize_model_parallel(1, 1, seed=args.seed)  # every rank holds the whole model
+    device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+    model = build_model(OV3Config.from_dict(cfg_dict), vae=_vae_for(meta, args.vae_path))
+    if not args.untrained:
+        load_universal(model, resolve_universal(args.load), load_optimizer=False)
+    model.to(device).to_frozen(device)
+    tok = Tokenizer(args.tokenizer)
+    data = DataIterator(DataConfig(data_path=args.data_path, tokenizer=args.tokenizer, epochs=1,
+                                   micro_batch_size=args.micro_batch_size, image_size=model.cfg.image_size,
+                                   num_workers=args.num_workers, shuffle_buffer=0, seed=args.seed,
+                                   text_length=model.cfg.text_context_length, caption_length=model.cfg.caption_length),
+                        dist.get_rank(), dist.get_world_size())
+    res = evaluate(model, data, device, tok, classnames, templates,
+                   lpips=LPIPS.from_file(args.lpips_path).to(device) if args.lpips_path else None,
+                   inception=inception_feature_extractor(args.inception_weights) if args.inception_weights else None,
+                   max_batches=args.max_batches, group=dist.group.WORLD)
+    if dist.get_rank() == 0:
+        os.makedirs(args.output, exist_ok=True)
+        report = dict(res["report"], checkpoint=os.path.abspath(args.load), untrained=args.untrained)
+        with open(os.path.join(args.output, "report.json"), "w") as f:
+            json.dump(report, f, indent=1)
+        if res["grid"] is not None:
+            save_grid(res["grid"], os.path.join(args.output, "grid.png"))
+        print(format_table(res["report"]))
+        print(f"wrote {os.path.join(args.output, 'report.json')} and grid.png")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    exit_with(main)
