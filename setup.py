@@ -25,6 +25,7 @@ setup(
         "pillow",
         "numpy",
         "scipy",
+        "matplotlib",
         "pyyaml",
         "tqdm",
         "tensorboard",

@@ -88,22 +88,37 @@ def test_pipeline_refuses_zero2(init, tmp_path):
     assert r.returncode == 2 and "use --zero-stage 1" in r.stderr, r.stderr
 
 
+def _flags(layout):
+    tp, pp = int(layout[2]), int(layout[-1])
+    return tp * pp, ["--tensor-model-parallel-size", tp, "--pipeline-model-parallel-size", pp]
+
+
+_CACHE = {}
+
+
+def _straight_and_saved(layout, init, tmp_path_factory):
+    """4 uninterrupted steps at ``layout``, and a checkpoint saved after step 2 at ``layout`` (cached)."""
+    if layout not in _CACHE:
+        d = tmp_path_factory.mktemp(f"save_{layout}")
+        n, f = _flags(layout)
+        port = 29730 + 2 * len(_CACHE)
+        straight, _ = _run(n, port, d / "a.jsonl", "--train-iters", 4, "--init-universal", init, *f)
+        _run(n, port + 1, d / "b.jsonl", "--train-iters", 4, "--exit-interval", 2, "--save", d / "ck",
+             "--init-universal", init, *f)
+        _CACHE[layout] = (straight, d)
+    return _CACHE[layout]
+
+
 @pytest.mark.parametrize("save_layout,resume_layout", [
     ("TP2xPP2", "TP1xPP1"), ("TP2xPP2", "TP2xPP1"), ("TP1xPP1", "TP2xPP2"),
 ])
-def test_resharded_resume_continues_like_uninterrupted(save_layout, resume_layout, init, tmp_path):
+def test_resharded_resume_continues_like_uninterrupted(save_layout, resume_layout, init, tmp_path,
+                                                       tmp_path_factory):
     """Save at one layout after 2 steps, resume at another for 2 more: same losses as 4 uninterrupted steps."""
-    def flags(layout):
-        tp, pp = int(layout[2]), int(layout[-1])
-        return tp * pp, ["--tensor-model-parallel-size", tp, "--pipeline-model-parallel-size", pp]
-
-    port = 29720 + 3 * ["TP2xPP2TP1xPP1", "TP2xPP2TP2xPP1", "TP1xPP1TP2xPP2"].index(save_layout + resume_layout)
-    n1, f1 = flags(save_layout)
-    straight, _ = _run(n1, port, tmp_path / "a.jsonl", "--train-iters", 4, "--init-universal", init, *f1)
-    ck = tmp_path / "ck"
-    _run(n1, port + 1, tmp_path / "b.jsonl", "--train-iters", 4, "--exit-interval", 2, "--save", ck,
-         "--init-universal", init, *f1)
-    n2, f2 = flags(resume_layout)
-    resumed, out = _run(n2, port + 2, tmp_path / "b.jsonl", "--train-iters", 4, "--load", ck, *f2)
+    straight, d = _straight_and_saved(save_layout, init, tmp_path_factory)
+    n2, f2 = _flags(resume_layout)
+    port = 29740 + ["TP1xPP1", "TP2xPP1", "TP2xPP2"].index(resume_layout)
+    resumed, out = _run(n2, port, tmp_path / "b.jsonl", "--train-iters", 4, "--load", d / "ck", *f2)
     assert ("resharded from" in out) == (save_layout != resume_layout), out[-2000:]
-    _assert_same(straight, resumed)
+    assert "at iteration 2" in out
+    _assert_same(straight[2:], resumed)

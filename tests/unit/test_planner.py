@@ -1,0 +1,105 @@
+"""The planner's memory model against DeepSpeed's estimators and against bytes measured on real ZeRO 0-3 engines
+(2 gloo processes, fp32); the CLI writes its table, JSON and plots."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dist_utils import run_distributed
+from megatron_ov3.scaling.planner import Hardware, Layout, estimate, model_state_bytes, plan
+from megatron_ov3.models import get_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.mark.parametrize("params,gpus", [(631_400_960, 8), (1_844_241_664, 64), (3_002_555_201, 512)])
+def test_matches_deepspeed_estimators(params, gpus):
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    _, ds2 = estimate_zero2_model_states_mem_needs(params, num_gpus_per_node=gpus, cpu_offload=False)
+    ours2 = sum(model_state_bytes(params, gpus, 2, bf16=True).values())
+    assert abs(ours2 - ds2) / ds2 < 0.05
+    largest = 20_000_000
+    _, ds3, _ = estimate_zero3_model_states_mem_needs(params, largest, num_gpus_per_node=gpus, cpu_offload=False,
+                                                   cpu_offload_params=False)
+    ours3 = sum(model_state_bytes(params, gpus, 3, bf16=True, largest_layer=largest).values())
+    assert abs(ours3 - ds3) / ds3 < 0.05
+
+
+def _measure(rank, world, zero, out):
+    import deepspeed
+
+    from megatron_ov3 import parallel
+    from megatron_ov3.models import build_model, get_config
+    from megatron_ov3.training.mpu import MegatronMPU
+
+    parallel.initialize_model_parallel(1, 1)
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    model = build_model(get_config("tiny", image_size=32))
+    n = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    eng, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, mpu=MegatronMPU(), config={
+        "train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": zero},
+        "zero_allow_untested_optimizer": True})
+    g = torch.Generator().manual_seed(rank)
+    batch = {"latents": torch.randn(2, 16, 4, 4, generator=g), "text_ids": torch.randint(4, 500, (2, 80), generator=g),
+             "caption_ids": torch.randint(4, 500, (2, 128), generator=g)}
+    model.cfg.pixel_l1_weight = 0.0  # no VAE needed for a memory measurement
+    out_ = eng(batch)
+    eng.backward(out_["total_loss"])
+    eng.step()
+    local = lambda p: p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()  # noqa: E731
+    params = sum(local(p) for p in eng.module.parameters()) * 4
+    states = set()
+    torch_opt = eng.optimizer if isinstance(eng.optimizer, torch.optim.Optimizer) else eng.optimizer.optimizer
+    optim = 0
+    for st in torch_opt.state.values():
+        for k in ("exp_avg", "exp_avg_sq"):
+            optim += st[k].numel() * 4
+    masters = getattr(eng.optimizer, "single_partition_of_fp32_groups", None) or \
+        getattr(eng.optimizer, "fp32_partitioned_groups_flat", None) or []
+    optim += sum(m.numel() for m in masters) * 4
+    if rank == 0:
+        json.dump({"n": n, "params": params, "optimizer": optim}, open(out, "w"))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("zero", [0, 1, 2, 3])
+def test_matches_measured_bytes_per_rank(zero, tmp_path):
+    out = tmp_path / "m.json"
+    run_distributed(_measure, 2, 29790 + zero, zero, str(out), timeout=240)
+    m = json.load(open(out))
+    pred = model_state_bytes(m["n"], 2, zero, bf16=False)
+    for k in ("params", "optimizer"):
+        assert abs(pred[k] - m[k]) / m[k] < 0.05, (zero, k, pred[k], m[k])
+
+
+def test_plan_ranks_fitting_layouts():
+    rows = plan("H", [1, 64], Hardware(), global_batch=4096, top=2)
+    for r in rows:
+        assert r["fitting"] > 0 and len(r["best"]) == 2
+        assert r["best"][0]["samples_per_s"] >= r["best"][1]["samples_per_s"]
+        assert r["best"][0]["memory_gb"]["total"] <= 80 * 0.9
+    assert rows[1]["best"][0]["samples_per_s"] > rows[0]["best"][0]["samples_per_s"]
+    cfg = get_config("H")
+    lay = Layout(tp=1, pp=1, dp=8, zero=0, micro_batch=64, recompute="none", grad_accum=8)
+    assert not estimate(cfg, 256, 4096, 8, lay, Hardware()).fits  # 20 bytes/param + activations > 72 GB
+
+
+def test_cli_outputs_and_bad_profile(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "scaling_study.py"), "--model-size", "B",
+                        "--nodes", "1", "4", "--output", str(tmp_path)], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=ROOT))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "| 4 | 32 | 4096 |" in r.stdout
+    assert (tmp_path / "throughput.png").exists() and (tmp_path / "memory.png").exists()
+    assert json.load(open(tmp_path / "plan.json"))["plans"]["B"][0]["nodes"] == 1
+    (tmp_path / "hw.yaml").write_text("peak_tflops_bf16: 500\nwarp_speed: 9\n")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "scaling_study.py"), "--hardware",
+                        str(tmp_path / "hw.yaml")], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=ROOT))
+    assert r.returncode == 2 and "unknown keys ['warp_speed']" in r.stderr
