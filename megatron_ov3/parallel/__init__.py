@@ -29,13 +29,13 @@ def init_distributed(backend: Optional[str] = None, timeout_minutes: int = 30) -
         return
     cpu_shim.install()
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+    if all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
         dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
-    else:  # not launched: a 1-process group; set the variables DeepSpeed expects from a launcher
-        for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
-            os.environ.setdefault(k, v)
+    else:  # not launched: a 1-process group (DeepSpeed still wants LOCAL_RANK; nothing else is exported,
+        # so child processes never mistake themselves for launched ranks)
+        os.environ.setdefault("LOCAL_RANK", "0")
         dist.init_process_group(
             backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
             timeout=timedelta(minutes=timeout_minutes),

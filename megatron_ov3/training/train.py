@@ -86,6 +86,8 @@ def run(args) -> int:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     validate(args, world)
+    # batch arithmetic is checked before any process group exists (usage errors never need the network)
+    plan = batch_plan(args, world // (args.tensor_model_parallel_size * args.pipeline_model_parallel_size))
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/megatron_ov3/torch_extensions"))
     parallel.initialize_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                                        seed=args.seed)
@@ -94,7 +96,6 @@ def run(args) -> int:
 
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    plan = batch_plan(args, dp_size)
     total_iters = args.train_iters or -(-args.train_samples // plan.global_batch_size)
 
     vocab = Tokenizer(args.tokenizer).vocab_size if args.tokenizer else get_config(args.model_size).vocab_size
