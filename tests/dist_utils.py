@@ -45,3 +45,15 @@ def run_distributed(fn, world: int, port: int, *args, timeout: float = 180.0) ->
     bad = [p.exitcode for p in procs if p.exitcode != 0]
     if bad:
         raise AssertionError(f"process exit codes {bad}")
+
+
+def subprocess_env(root: str, **extra) -> dict:
+    """Environment for a child run of the package: this checkout on PYTHONPATH and no launcher variables
+    inherited from the test process (the child decides for itself whether it was launched)."""
+    import os
+
+    env = dict(os.environ, PYTHONPATH=root)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    env.update(extra)
+    return env

@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+from dist_utils import subprocess_env
+
 pytestmark = pytest.mark.distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -22,9 +24,7 @@ COMMON = ["--mock-data", "--tiny-vae", "--image-size", "32", "--micro-batch-size
 
 
 def _run(nproc, port, out, *flags, timeout=400):
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
+    env = subprocess_env(ROOT, OMP_NUM_THREADS="1")
     if nproc == 1:
         cmd = [sys.executable, "-m", "megatron_ov3.pretrain"]
     else:

@@ -8,6 +8,8 @@ import subprocess
 import sys
 
 import pytest
+
+from dist_utils import subprocess_env
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -16,9 +18,7 @@ TOL = dict(atol=1e-5, rtol=1e-5)
 
 
 def _train(tmp, port, *flags):
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
+    env = subprocess_env(ROOT)
     cmd = [DS, "--num_gpus", "2", "--master_port", str(port), "--module", "megatron_ov3.pretrain", "--mock-data",
            "--tiny-vae", "--image-size", "32", "--class-token", "--micro-batch-size", "4", "--global-batch-size",
            "4", "--train-iters", "2", "--lr", "1e-2", "--save", str(tmp), *map(str, flags)]

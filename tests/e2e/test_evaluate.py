@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from dist_utils import subprocess_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DS = os.path.join(os.path.dirname(sys.executable), "deepspeed")
 
@@ -24,9 +26,7 @@ def trained(tmp_path_factory):
     caps = [s["txt"].decode() for i in range(8) for s in iter_tar_samples(str(d / "train" / f"synthetic-{i:05d}.tar"), print)]
     tok = train_tokenizer(caps, str(d / "tok"), vocab_size=64)
     (d / "classes.txt").write_text("circle\nsquare\ntriangle\n")
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
+    env = subprocess_env(ROOT)
     cmd = [sys.executable, "-m", "megatron_ov3.pretrain", "--data-path", str(d / "train" / "synthetic-{00000..00007}.tar"),
            "--tokenizer", tok, "--tiny-vae", "--image-size", "32", "--micro-batch-size", "16", "--global-batch-size",
            "16", "--train-iters", "150", "--lr", "3e-3", "--lr-warmup-iters", "10", "--weight-decay", "0.05",
@@ -43,9 +43,7 @@ def _evaluate(d, tok, out, *extra, nproc=1, port=29780):
     args = ["--load", str(d / "ck"), "--data-path", str(d / "heldout" / "synthetic-{00000..00003}.tar"),
             "--tokenizer", tok, "--micro-batch-size", "16", "--classnames", str(d / "classes.txt"),
             "--output", str(out), *extra]
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
+    env = subprocess_env(ROOT)
     tool = os.path.join(ROOT, "tools", "evaluate.py")
     cmd = [sys.executable, tool, *args] if nproc == 1 else \
         [DS, "--num_gpus", str(nproc), "--master_port", str(port), tool, *args]

@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from dist_utils import subprocess_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DS = os.path.join(os.path.dirname(sys.executable), "deepspeed")
 
@@ -95,9 +97,7 @@ def test_kill_during_save_keeps_previous_checkpoint(dataset, tmp_path):
 
 
 def test_sigterm_saves_and_exits_0(dataset, tmp_path):
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
+    env = subprocess_env(ROOT)
     cmd = [sys.executable, "-u", "-m", "megatron_ov3.pretrain", "--data-path", dataset[0], "--tokenizer",
            dataset[1], "--tiny-vae", "--image-size", "32", "--micro-batch-size", "4", "--global-batch-size", "4",
            "--train-iters", "100000", "--log-interval", "1", "--num-workers", "1", "--save", str(tmp_path / "ck")]
