@@ -17,6 +17,10 @@ def main(argv=None):
     vae = p.add_mutually_exclusive_group(required=True)
     vae.add_argument("--vae-path", help="local diffusers AutoencoderKL folder (e.g. FLUX.1-dev/vae)")
     vae.add_argument("--tiny-vae", action="store_true", help="random-init toy VAE of FLUX structure (tests)")
+    p.add_argument("--vae-shift-factor", type=float, default=None,
+                   help="must match training's --vae-shift-factor (default FLUX's 0.1159)")
+    p.add_argument("--vae-scaling-factor", type=float, default=None,
+                   help="must match training's --vae-scaling-factor (default FLUX's 0.3611)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--rank", type=int, default=int(os.environ.get("RANK", 0)))
     p.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)))
@@ -33,7 +37,8 @@ def main(argv=None):
     from megatron_ov3.models import FrozenVAE
 
     device = args.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    model = FrozenVAE.tiny() if args.tiny_vae else FrozenVAE.from_pretrained(args.vae_path)
+    kw = dict(scaling_factor=args.vae_scaling_factor, shift_factor=args.vae_shift_factor)
+    model = FrozenVAE.tiny(**kw) if args.tiny_vae else FrozenVAE.from_pretrained(args.vae_path, **kw)
     if args.bf16:
         model = model.to(torch.bfloat16)
     stats = cache_latents(args.data_path, args.output_dir, model, args.image_size, args.batch_size,

@@ -27,7 +27,15 @@ def main(argv=None):
 
     if args.import_open_clip:
         out = convert.import_open_clip(args.import_open_clip, args.output, args.model_size)
-        print(f"imported {args.import_open_clip} -> {out} (train from it with --init-universal {out})")
+        import json
+        import os
+
+        mc = json.load(open(os.path.join(out, "meta.json")))["model_config"]
+        flags = "--class-token"
+        if mc["pos_embed_type"] == "learned":
+            flags += f" --position-embedding-type learned --pos-embed-ref-grid {mc['pos_embed_ref_grid']}"
+        print(f"imported {args.import_open_clip} -> {out}; train from it with --init-universal {out} {flags} "
+              f"(the official OV3 release was trained without a VAE shift: add --vae-shift-factor 0 for it)")
         return 0
     if args.target not in convert.TARGETS:
         raise UsageError(f"unknown --target {args.target!r}; choose one of {', '.join(convert.TARGETS)}")

@@ -117,7 +117,8 @@ def hf_config(cfg: dict, meta: dict) -> dict:
         "image_size": cfg["image_size"], "latent_channels": cfg["latent_channels"],
         "vae_downsample": cfg["vae_downsample"], "patch_size": cfg["patch_size"],
         "class_token": cfg["class_token"], "register_tokens": cfg["register_tokens"],
-        "pos_embed_ref_grid": cfg["pos_embed_ref_grid"], "final_ln_after_pool": cfg["final_ln_after_pool"],
+        "pos_embed_ref_grid": cfg["pos_embed_ref_grid"], "pos_embed_type": cfg.get("pos_embed_type", "sincos"),
+        "final_ln_after_pool": cfg["final_ln_after_pool"],
         "layernorm_eps": cfg["layernorm_eps"], "vocab_size": cfg["vocab_size"],
         "padded_vocab_size": padded_vocab_size(cfg["vocab_size"]), "text_context_length": cfg["text_context_length"],
         "pad_id": cfg["pad_id"], "scaling_factor": vae.get("scaling_factor", 0.3611),
@@ -129,13 +130,14 @@ def hf_config(cfg: dict, meta: dict) -> dict:
 def _vae_for(meta: dict, vae_path: Optional[str]):
     from ..models import FrozenVAE
 
-    if vae_path:
-        return FrozenVAE.from_pretrained(vae_path)
     vae = meta.get("vae", {})
+    kw = {k: vae.get(k) for k in ("scaling_factor", "shift_factor")}  # None: the VAE config's (FLUX) values
+    if vae_path:
+        return FrozenVAE.from_pretrained(vae_path, **kw)
     if vae.get("tiny"):
-        return FrozenVAE.tiny()
+        return FrozenVAE.tiny(**kw)
     if vae.get("path") and os.path.isdir(vae["path"]):
-        return FrozenVAE.from_pretrained(vae["path"])
+        return FrozenVAE.from_pretrained(vae["path"], **kw)
     raise ValueError("the checkpoint does not say where its VAE is; pass --vae-path (local FLUX.1 VAE folder)")
 
 
@@ -174,6 +176,18 @@ def _sincos_table(cfg: dict) -> torch.Tensor:
     return sincos_2d(cfg["encoder"]["width"], grid, cfg["pos_embed_ref_grid"])
 
 
+def _open_clip_positions(cfg: dict, weights: dict) -> torch.Tensor:
+    """open_clip's (1 + grid^2, W) ``positional_embedding`` (class position first) at the export resolution."""
+    from ..models.posemb import resize_table
+
+    w = cfg["encoder"]["width"]
+    if cfg.get("pos_embed_type", "sincos") != "learned":
+        return torch.cat([torch.zeros(1, w), _sincos_table(cfg)])
+    grid = cfg["image_size"] // (cfg["vae_downsample"] * cfg["patch_size"])
+    return torch.cat([weights["encoder.class_pos_embed"].float(),
+                      resize_table(weights["encoder.pos_embed"].float(), grid)])
+
+
 def export_open_clip(src: str, out_dir: str, progress: bool = True) -> str:
     """``open_clip_config.json`` + ``open_clip_pytorch_model.bin`` with ``visual.*`` keys, as released for OV3
     (class token, no pre-LN, bias-free conv1/proj, avg pool with final LN after pooling, 16 input channels)."""
@@ -188,7 +202,7 @@ def export_open_clip(src: str, out_dir: str, progress: bool = True) -> str:
     sd = {
         "visual.conv1.weight": weights["encoder.patch_embed.weight"],
         "visual.class_embedding": weights["encoder.class_token"].reshape(w),
-        "visual.positional_embedding": torch.cat([torch.zeros(1, w), _sincos_table(cfg)]),
+        "visual.positional_embedding": _open_clip_positions(cfg, weights),
         "visual.ln_post.weight": weights["encoder.final_norm.weight"],
         "visual.ln_post.bias": weights["encoder.final_norm.bias"],
         "visual.proj": weights["encoder.proj.weight"].t().contiguous(),
@@ -242,17 +256,23 @@ def import_open_clip(src_dir: str, out_dir: str, model_size: str = "custom", **o
     base.update(encoder=enc, embed_dim=int(mc["embed_dim"]), class_token=True, register_tokens=0,
                 patch_size=patch, image_size=int(vc["image_size"]) * 8, size=model_size)
     base.update(overrides)
-    cfg = OV3Config.from_dict(base)
     pos = sd["visual.positional_embedding"].float()
-    expect = torch.cat([torch.zeros(1, w), _sincos_table(cfg.to_dict())])
-    if pos.shape != expect.shape or not torch.allclose(pos, expect, atol=1e-5):
-        raise ValueError("this checkpoint's positional_embedding is a learned table, not megatron_ov3's fixed "
-                         "sincos-2d; importing learned tables is not supported yet")
+    grid = int(round((pos.shape[0] - 1) ** 0.5))
+    if grid * grid + 1 != pos.shape[0] or pos.shape[1] != w:
+        raise ValueError(f"visual.positional_embedding has shape {tuple(pos.shape)}; expected (1 + g*g, {w})")
+    sincos = OV3Config.from_dict(dict(base, pos_embed_type="sincos")).to_dict()
+    expect = torch.cat([torch.zeros(1, w), _sincos_table(sincos)])
+    learned = pos.shape != expect.shape or not torch.allclose(pos, expect, atol=1e-5)
+    if learned:  # e.g. the official OV3 release: keep the table, trainable, at the grid it was trained at
+        base.update(pos_embed_type="learned", pos_embed_ref_grid=grid)
+    cfg = OV3Config.from_dict(base)
     mt = {"encoder.patch_embed.weight": sd["visual.conv1.weight"],
           "encoder.class_token": sd["visual.class_embedding"].reshape(1, 1, w),
           "encoder.final_norm.weight": sd["visual.ln_post.weight"],
           "encoder.final_norm.bias": sd["visual.ln_post.bias"],
           "encoder.proj.weight": sd["visual.proj"].t()}
+    if learned:
+        mt["encoder.class_pos_embed"], mt["encoder.pos_embed"] = pos[:1], pos[1:]
     back = {"ln_1.weight": "input_layernorm.weight", "ln_1.bias": "input_layernorm.bias",
             "attn.in_proj_weight": "self_attention.linear_qkv.weight",
             "attn.in_proj_bias": "self_attention.linear_qkv.bias",

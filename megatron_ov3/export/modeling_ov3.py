@@ -26,7 +26,7 @@ class OV3Config(PretrainedConfig):
 
     def __init__(self, encoder=None, decoder=None, text=None, embed_dim=64, image_size=256, latent_channels=16,
                  vae_downsample=8, patch_size=2, class_token=False, register_tokens=0, pos_embed_ref_grid=16,
-                 final_ln_after_pool=True, layernorm_eps=1e-6, vocab_size=32000, padded_vocab_size=32000,
+                 pos_embed_type="sincos", final_ln_after_pool=True, layernorm_eps=1e-6, vocab_size=32000, padded_vocab_size=32000,
                  text_context_length=80, pad_id=0, scaling_factor=0.3611, shift_factor=0.1159, **kwargs):
         self.encoder = encoder or {"width": 64, "depth": 2, "mlp": 256, "heads": 4}
         self.decoder = decoder
@@ -35,6 +35,7 @@ class OV3Config(PretrainedConfig):
         self.latent_channels, self.vae_downsample, self.patch_size = latent_channels, vae_downsample, patch_size
         self.class_token, self.register_tokens = class_token, register_tokens
         self.pos_embed_ref_grid, self.final_ln_after_pool = pos_embed_ref_grid, final_ln_after_pool
+        self.pos_embed_type = pos_embed_type
         self.layernorm_eps = layernorm_eps
         self.vocab_size, self.padded_vocab_size = vocab_size, padded_vocab_size
         self.text_context_length, self.pad_id = text_context_length, pad_id
@@ -61,6 +62,16 @@ def sincos_2d(width, grid, ref_grid, device=None, dtype=torch.float32):
     y = y.flatten()[:, None] * omega[None, :]
     x = x.flatten()[:, None] * omega[None, :]
     return torch.cat([torch.sin(x), torch.cos(x), torch.sin(y), torch.cos(y)], dim=1).to(dtype)
+
+
+def resize_table(table, grid):
+    """Learned (g*g, W) position table -> grid*grid rows (bicubic, as open_clip's resize_pos_embed)."""
+    g = int(round(table.shape[0] ** 0.5))
+    if g == grid:
+        return table
+    img = table.float().reshape(1, g, g, -1).permute(0, 3, 1, 2)
+    img = F.interpolate(img, size=(grid, grid), mode="bicubic", align_corners=False, antialias=grid < g)
+    return img.permute(0, 2, 3, 1).reshape(grid * grid, -1).to(table.dtype)
 
 
 class Block(nn.Module):
@@ -96,6 +107,9 @@ class VisionTower(nn.Module):
         self.patch_embed = nn.Conv2d(c.latent_channels, w, c.patch_size, c.patch_size, bias=False)
         self.class_token = nn.Parameter(torch.zeros(1, 1, w)) if c.class_token else None
         self.registers = nn.Parameter(torch.zeros(1, c.register_tokens, w)) if c.register_tokens else None
+        learned = getattr(c, "pos_embed_type", "sincos") == "learned"
+        self.pos_embed = nn.Parameter(torch.zeros(c.pos_embed_ref_grid ** 2, w)) if learned else None
+        self.class_pos_embed = nn.Parameter(torch.zeros(1, w)) if learned and c.class_token else None
         self.layers = _stack(c.encoder, c.layernorm_eps)
         self.final_norm = nn.LayerNorm(w, eps=c.layernorm_eps)
         self.proj = nn.Linear(w, c.embed_dim, bias=False)
@@ -105,8 +119,14 @@ class VisionTower(nn.Module):
         x = self.patch_embed(latents.to(self.patch_embed.weight.dtype))
         grid = x.shape[-1]
         x = x.flatten(2).transpose(1, 2)
-        x = x + sincos_2d(x.shape[-1], grid, c.pos_embed_ref_grid, x.device, x.dtype)[None]
-        prefix = [p.expand(x.shape[0], -1, -1) for p in (self.class_token, self.registers) if p is not None]
+        if self.pos_embed is not None:
+            x = x + resize_table(self.pos_embed, grid).to(x.dtype)[None]
+        else:
+            x = x + sincos_2d(x.shape[-1], grid, c.pos_embed_ref_grid, x.device, x.dtype)[None]
+        cls = self.class_token
+        if cls is not None and self.class_pos_embed is not None:
+            cls = cls + self.class_pos_embed
+        prefix = [p.expand(x.shape[0], -1, -1) for p in (cls, self.registers) if p is not None]
         if prefix:
             x = torch.cat(prefix + [x], dim=1)
         hidden = [x] if output_hidden_states else None

@@ -88,7 +88,12 @@ class OV3Config:
     pos_embed_ref_grid: int = 16
     """Token grid at which the fixed sincos-2d position embedding uses integer positions. Other grids sample
     the same continuous embedding at scaled positions, so 128px (8x8) and 256px (16x16) cover the same
-    spatial extent and any resolution in between works without re-learning."""
+    spatial extent and any resolution in between works without re-learning. With ``pos_embed_type``
+    'learned' it is the grid of the learned table (other grids resize it bicubically, as open_clip does)."""
+    pos_embed_type: str = "sincos"
+    """Encoder position embedding: 'sincos' (fixed, resolution-agnostic; default) or 'learned' (a trainable
+    ``pos_embed_ref_grid``^2 x width table initialised to the sincos table, plus a learned class-token
+    position when ``class_token``; the layout of open_clip checkpoints such as the official OV3 release)."""
     final_ln_after_pool: bool = True
     """Apply the encoder's final LayerNorm to the pooled vector only (OpenVision/open_clip convention: the
     returned tokens are the raw output of the last block). False: normalise the tokens, then pool."""
@@ -145,6 +150,9 @@ class OV3Config:
             f"patch {self.patch_size}); use e.g. 128, 224 or 256",
         )
         _require(self.register_tokens >= 0, f"register_tokens must be >= 0, got {self.register_tokens}")
+        _require(self.pos_embed_type in ("sincos", "learned"),
+                 f"pos_embed_type must be 'sincos' or 'learned', got {self.pos_embed_type!r}")
+        _require(self.pos_embed_ref_grid > 0, f"pos_embed_ref_grid must be positive, got {self.pos_embed_ref_grid}")
         _require(self.decoder_noise_tau >= 0, f"decoder_noise_tau must be >= 0, got {self.decoder_noise_tau}")
         _require(self.vocab_size > 1, f"vocab_size must be > 1, got {self.vocab_size}")
         _require(self.text_context_length > 1, "text_context_length must be > 1")

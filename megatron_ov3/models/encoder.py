@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .config import LayerImplConfig, OV3Config
-from .posemb import sincos_2d
+from .posemb import resize_table, sincos_2d
 from .transformer import build_block, capture_layer_outputs
 
 
@@ -47,6 +47,10 @@ class LatentViTEncoder(nn.Module):
             )
             if self.class_token is not None:
                 nn.init.normal_(self.class_token, std=t.width ** -0.5)
+            if cfg.pos_embed_type == "learned":
+                g = cfg.pos_embed_ref_grid
+                self.pos_embed = nn.Parameter(sincos_2d(t.width, g, g))
+                self.class_pos_embed = nn.Parameter(torch.zeros(1, t.width)) if cfg.class_token else None
         self.block = build_block(
             t, impl, causal=False, eps=cfg.layernorm_eps, name="encoder", split_across_pipeline=True,
             pre_process=pre_process, post_process=post_process,
@@ -75,11 +79,17 @@ class LatentViTEncoder(nn.Module):
         x = self.patch_embed(latents.to(self.patch_embed.weight.dtype))  # (B, W, g, g)
         grid = x.shape[-1]
         x = x.flatten(2).transpose(1, 2)
-        pos = sincos_2d(x.shape[-1], grid, cfg.pos_embed_ref_grid, device=x.device, dtype=x.dtype)
+        if cfg.pos_embed_type == "learned":
+            pos = resize_table(self.pos_embed, grid).to(x.dtype)
+        else:
+            pos = sincos_2d(x.shape[-1], grid, cfg.pos_embed_ref_grid, device=x.device, dtype=x.dtype)
         x = x + pos[None]
         prefix = []
         if self.class_token is not None:
-            prefix.append(self.class_token.expand(x.shape[0], -1, -1))
+            cls = self.class_token
+            if getattr(self, "class_pos_embed", None) is not None:
+                cls = cls + self.class_pos_embed.to(cls.dtype)
+            prefix.append(cls.expand(x.shape[0], -1, -1))
         if self.registers is not None:
             prefix.append(self.registers.expand(x.shape[0], -1, -1))
         if prefix:

@@ -1,7 +1,9 @@
-"""Fixed sincos-2d position embeddings (MAE / big_vision ``posemb_sincos_2d``), resolution-agnostic."""
+"""Position embeddings: fixed sincos-2d (MAE / big_vision ``posemb_sincos_2d``), resolution-agnostic, and the
+resizing of a learned table to another grid (open_clip ``resize_pos_embed``)."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def sincos_2d(width: int, grid: int, ref_grid: int, temperature: float = 10000.0,
@@ -22,3 +24,17 @@ def sincos_2d(width: int, grid: int, ref_grid: int, temperature: float = 10000.0
     x = x.flatten()[:, None] * omega[None, :]
     emb = torch.cat([torch.sin(x), torch.cos(x), torch.sin(y), torch.cos(y)], dim=1)
     return emb.to(dtype)
+
+
+def resize_table(table: torch.Tensor, grid: int) -> torch.Tensor:
+    """(g*g, W) row-major table -> (grid*grid, W): identity at the same grid, else bicubic (antialiased when
+    shrinking), ``align_corners=False``, computed in float32 - what open_clip does when it resizes a
+    checkpoint's ``positional_embedding`` to a new image size."""
+    g = int(round(table.shape[0] ** 0.5))
+    if g * g != table.shape[0]:
+        raise ValueError(f"position table has {table.shape[0]} rows, not a square grid")
+    if g == grid:
+        return table
+    img = table.float().reshape(1, g, g, -1).permute(0, 3, 1, 2)
+    img = F.interpolate(img, size=(grid, grid), mode="bicubic", align_corners=False, antialias=grid < g)
+    return img.permute(0, 2, 3, 1).reshape(grid * grid, -1).to(table.dtype)

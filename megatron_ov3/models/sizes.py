@@ -85,7 +85,8 @@ def _stack_params(t: TowerConfig) -> int:
 
 
 def count_parameters(cfg: OV3Config) -> Dict[str, int]:
-    """Analytic trainable-parameter count per tower (the frozen VAE and the fixed sincos tables excluded).
+    """Analytic trainable-parameter count per tower (the frozen VAE and fixed sincos tables excluded; a learned
+    encoder position table and class position included).
 
     Used by the FLOP counter and the scaling planner; tests check it against models built on the meta device.
     """
@@ -94,8 +95,10 @@ def count_parameters(cfg: OV3Config) -> Dict[str, int]:
     e, d, t, c = cfg.encoder, cfg.decoder, cfg.text, cfg.caption
     vocab = padded_vocab_size(cfg.vocab_size)
     patch_out = cfg.patch_size ** 2 * cfg.latent_channels
+    learned_pos = (cfg.pos_embed_ref_grid ** 2 + int(cfg.class_token)) * e.width \
+        if cfg.pos_embed_type == "learned" else 0
     counts = {
-        "encoder": patch_out * e.width + cfg.num_prefix_tokens * e.width + _stack_params(e)
+        "encoder": patch_out * e.width + cfg.num_prefix_tokens * e.width + learned_pos + _stack_params(e)
         + 2 * e.width + e.width * cfg.embed_dim,
         "decoder": e.width * d.width + d.width + _stack_params(d) + 2 * d.width + d.width * patch_out + patch_out,
         "text": vocab * t.width + cfg.text_context_length * t.width + _stack_params(t) + 2 * t.width

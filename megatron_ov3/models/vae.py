@@ -73,9 +73,9 @@ class FrozenVAE(nn.Module):
         return cls(ae, **kw)
 
     @classmethod
-    def tiny(cls, seed: int = 0) -> "FrozenVAE":
+    def tiny(cls, seed: int = 0, **kw) -> "FrozenVAE":
         """The random-init toy VAE of FLUX structure used by tests and the CPU demo."""
-        return cls.from_config(flux_vae_config(**TINY_VAE_OVERRIDES), seed=seed)
+        return cls.from_config(flux_vae_config(**TINY_VAE_OVERRIDES), seed=seed, **kw)
 
     @classmethod
     def from_pretrained(cls, path: str, subfolder: Optional[str] = None, **kw) -> "FrozenVAE":

@@ -17,6 +17,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image-size", type=int, default=256, help="training resolution (multiple of 16)")
     g.add_argument("--class-token", action="store_true", help="prepend a class token (open_clip-compatible)")
     g.add_argument("--register-tokens", type=int, default=0)
+    g.add_argument("--position-embedding-type", default="sincos", choices=["sincos", "learned"],
+                   help="encoder position embedding: fixed sincos-2d or a learned table (open_clip checkpoints)")
+    g.add_argument("--pos-embed-ref-grid", type=int, default=16,
+                   help="token grid of the position table (sincos: integer positions; learned: table size)")
     g.add_argument("--decoder-noise-tau", type=float, default=0.8)
     g.add_argument("--lpips-weight", type=float, default=0.0)
     g.add_argument("--lpips-path", default=None, help="local LPIPS-VGG state dict")
@@ -27,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--contrastive-weight", type=float, default=1.0)
     g.add_argument("--vae-path", default=None, help="local diffusers AutoencoderKL folder (FLUX.1 VAE)")
     g.add_argument("--tiny-vae", action="store_true", help="random-init toy VAE of FLUX structure (CPU demo/tests)")
+    g.add_argument("--vae-shift-factor", type=float, default=None,
+                   help="latent = (mean - shift) * scale; default FLUX's 0.1159 (the official OV3 release uses 0)")
+    g.add_argument("--vae-scaling-factor", type=float, default=None, help="default FLUX's 0.3611")
     g.add_argument("--transformer-impl", default="auto", choices=["auto", "local", "te"])
     g.add_argument("--attention-backend", default="sdpa", choices=["sdpa", "unfused"])
 

@@ -55,11 +55,29 @@ def param_groups(model, weight_decay: float):
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.dim() < 2 or "pos_embedding" in name or "class_token" in name or "registers" in name:
+        if p.dim() < 2 or "pos_embed" in name or "class_token" in name or "registers" in name:
             no_decay.append(p)
         else:
             decay.append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# config fields that change which encoder parameters exist, and the flag that sets each
+_INIT_FIELDS = {"pos_embed_type": "--position-embedding-type", "pos_embed_ref_grid": "--pos-embed-ref-grid",
+                "class_token": "--class-token", "register_tokens": "--register-tokens"}
+
+
+def check_init_compatible(cfg, directory: str) -> None:
+    """``--init-universal`` needs the encoder options the checkpoint was made with; say which flag differs."""
+    meta_path = os.path.join(directory, "meta.json")
+    if not os.path.isfile(meta_path):
+        raise UsageError(f"--init-universal {directory!r} is not a universal checkpoint (no meta.json)")
+    saved = json.load(open(meta_path)).get("model_config", {})
+    mine = cfg.to_dict()
+    for field, flag in _INIT_FIELDS.items():
+        if field in saved and saved[field] != mine[field]:
+            raise UsageError(f"--init-universal {directory} was made with {field}={saved[field]!r} but this run "
+                             f"has {mine[field]!r}; set {flag} to match")
 
 
 def lr_lambda(args, total_iters: int):
@@ -106,6 +124,7 @@ def run(args) -> int:
     cfg = get_config(
         args.model_size, image_size=args.image_size, class_token=args.class_token,
         register_tokens=args.register_tokens, decoder_noise_tau=args.decoder_noise_tau,
+        pos_embed_type=args.position_embedding_type, pos_embed_ref_grid=args.pos_embed_ref_grid,
         vocab_size=vocab, lpips_weight=args.lpips_weight, lpips_path=args.lpips_path,
         pixel_l1_weight=args.pixel_l1_weight, latent_l1_weight=args.latent_l1_weight,
         reconstruction_weight=args.reconstruction_weight, caption_weight=args.caption_weight,
@@ -116,10 +135,12 @@ def run(args) -> int:
         params_dtype=torch.bfloat16 if args.bf16 else torch.float32, bf16=args.bf16, fp8=fp8,
         recompute_granularity=args.recompute_granularity,
     )
-    vae = FrozenVAE.tiny() if args.tiny_vae else FrozenVAE.from_pretrained(args.vae_path)
+    vae_kw = dict(scaling_factor=args.vae_scaling_factor, shift_factor=args.vae_shift_factor)
+    vae = FrozenVAE.tiny(**vae_kw) if args.tiny_vae else FrozenVAE.from_pretrained(args.vae_path, **vae_kw)
     model = build_model(cfg, impl, vae=vae)
     model.to_frozen(device)
     if args.init_universal:  # into the bare model, before ZeRO partitions anything (works for every stage)
+        check_init_compatible(cfg, args.init_universal)
         meta = universal.load_universal(model, args.init_universal, load_optimizer=False)
         log0(f"initialised weights from universal checkpoint {args.init_universal} ({meta.get('source', '')})")
 
@@ -438,7 +459,8 @@ def _save(engine, args, iteration, consumed, data, cfg):
         log0("note: ZeRO-3 checkpoints get no universal copy (resume needs the same layout)")
     if not args.no_save_universal and args.zero_stage < 3:
         meta = dict(client, optimizer_step=iteration, scheduler=engine.lr_scheduler.state_dict(),
-                    model_config=cfg.to_dict(), vae={"tiny": bool(args.tiny_vae), "path": args.vae_path},
+                    model_config=cfg.to_dict(), vae={"tiny": bool(args.tiny_vae), "path": args.vae_path,
+                             "scaling_factor": args.vae_scaling_factor, "shift_factor": args.vae_shift_factor},
                     **_layout(args.zero_stage))
         meta.pop("args")
         extra = lambda d: universal.save_universal(engine, d, meta)  # noqa: E731

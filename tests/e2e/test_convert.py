@@ -29,9 +29,11 @@ def _train(tmp, port, *flags):
 
 @pytest.fixture(scope="module", params=["TP2", "PP2"])
 def ckpt(request, tmp_path_factory):
-    flag = "--tensor-model-parallel-size" if request.param == "TP2" else "--pipeline-model-parallel-size"
-    port = 29760 if request.param == "TP2" else 29761
-    return _train(tmp_path_factory.mktemp(request.param), port, flag, 2)
+    if request.param == "TP2":
+        return _train(tmp_path_factory.mktemp("TP2"), 29760, "--tensor-model-parallel-size", 2)
+    # the PP2 checkpoint also has a learned position table at a 4x4 grid, used resized to the 2x2 grid of 32px
+    return _train(tmp_path_factory.mktemp("PP2"), 29761, "--pipeline-model-parallel-size", 2,
+                  "--position-embedding-type", "learned", "--pos-embed-ref-grid", 4)
 
 
 def _convert(*args):
@@ -181,6 +183,7 @@ def test_open_clip_export_and_round_trip(ckpt, tmp_path, mp1):
     uni = tmp_path / "imported"
     r = _convert("--import-open-clip", out, "--output", uni, "--model-size", "tiny")
     assert r.returncode == 0, r.stderr[-3000:]
+    from megatron_ov3.export.convert import load_source
     from megatron_ov3.models import FrozenVAE, OV3Config, build_model
     from megatron_ov3.training.universal import load_universal
 

@@ -129,6 +129,11 @@ def test_usage_errors_exit_2(dataset, tmp_path):
     assert r.returncode == 2 and "invalid choice: 5" in r.stderr
     r = run(*base, "--micro-batch-size", 4, "--global-batch-size", 8, "--save-interval", 2)
     assert r.returncode == 2 and "--save-interval needs --save" in r.stderr
+    init = tmp_path / "imported"
+    init.mkdir()
+    (init / "meta.json").write_text('{"model_config": {"pos_embed_type": "learned"}}')
+    r = run(*base, "--micro-batch-size", 4, "--global-batch-size", 4, "--init-universal", init)
+    assert r.returncode == 2 and "set --position-embedding-type to match" in r.stderr, r.stderr[-2000:]
     r = run("--help")
     assert r.returncode == 0
     for group in ("model:", "data:", "batch and schedule:", "parallelism and precision:", "checkpointing:", "logging:"):

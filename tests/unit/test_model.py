@@ -6,7 +6,7 @@ import torch
 from helpers import random_batch, tiny_model
 from megatron_ov3.models import LOSS_NAMES, FrozenVAE, get_config, build_model
 from megatron_ov3.models.decoder import patchify, per_sample_noise, unpatchify
-from megatron_ov3.models.posemb import sincos_2d
+from megatron_ov3.models.posemb import resize_table, sincos_2d
 
 
 def test_tower_shapes(mp1):
@@ -91,6 +91,23 @@ def test_sincos_interpolates_between_resolutions():
     half = sincos_2d(64, 8, 16)
     idx = [(2 * i) * 16 + 2 * j for i in range(8) for j in range(8)]
     torch.testing.assert_close(half, full[idx])
+
+
+def test_learned_position_table_resizes_like_open_clip(mp1):
+    cfg = get_config("tiny", image_size=64, class_token=True, pos_embed_type="learned", pos_embed_ref_grid=8)
+    model = build_model(cfg, vae=FrozenVAE.tiny())
+    enc = model.encoder
+    torch.testing.assert_close(enc.pos_embed.detach(), sincos_2d(cfg.encoder.width, 8, 8))  # initialised as sincos
+    assert resize_table(enc.pos_embed, 8) is enc.pos_embed  # the table's own grid: no resampling
+    small = resize_table(enc.pos_embed.detach(), 4)  # 64px -> 32px grid
+    img = enc.pos_embed.detach().reshape(1, 8, 8, -1).permute(0, 3, 1, 2)
+    ref = torch.nn.functional.interpolate(img, size=(4, 4), mode="bicubic", align_corners=False, antialias=True)
+    torch.testing.assert_close(small, ref.permute(0, 2, 3, 1).reshape(16, -1))
+    z = torch.randn(2, 16, 8, 8)  # 64px latents
+    x = enc.embed(z)
+    x.sum().backward()
+    assert enc.pos_embed.grad is not None and enc.class_pos_embed.grad is not None  # both are trained
+    assert enc.embed(torch.randn(2, 16, 4, 4)).shape[1] == 1 + 4  # another resolution works
 
 
 def test_patchify_roundtrip():

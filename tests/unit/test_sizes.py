@@ -43,10 +43,12 @@ def test_exact_parameter_counts(mp1, size):
 
 
 def test_open_clip_compatible_b2_count(mp1):
-    """With a class token, OV3-B's encoder + the 257-row position table of the open_clip export is exactly the
-    released OV3-B/2 (85,893,120 parameters)."""
-    cfg = get_config("B", class_token=True)
-    with torch.device("meta"):
-        model = build_model(cfg)
-    n = sum(p.numel() for p in model.encoder.parameters())
-    assert n + 257 * 768 == 85_893_120
+    """With a class token and a learned position table (the open_clip layout), OV3-B's encoder is exactly the
+    released OV3-B/2 (85,893,120 parameters); with sincos positions it is the same less the 257-row table."""
+    for pos, table in (("learned", 0), ("sincos", 257 * 768)):
+        cfg = get_config("B", class_token=True, pos_embed_type=pos)
+        with torch.device("meta"):
+            model = build_model(cfg)
+        n = sum(p.numel() for p in model.encoder.parameters())
+        assert n + table == 85_893_120
+        assert count_parameters(cfg)["encoder"] == n
