@@ -64,7 +64,8 @@ class LatentDecoder(nn.Module):
         self.cfg = cfg
         t = cfg.decoder
         self.in_proj = nn.Linear(cfg.encoder.width, t.width)
-        self.block = build_block(t, impl, causal=False, eps=cfg.layernorm_eps, name="decoder")
+        self.block = build_block(t, impl, causal=False, eps=cfg.layernorm_eps, name="decoder",
+                                 sequence_parallel=True)
         self.final_norm = nn.LayerNorm(t.width, eps=cfg.layernorm_eps)
         self.head = nn.Linear(t.width, cfg.patch_size ** 2 * cfg.latent_channels)
 

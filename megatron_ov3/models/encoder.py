@@ -14,7 +14,7 @@ from torch import nn
 
 from .config import LayerImplConfig, OV3Config
 from .posemb import resize_table, sincos_2d
-from .transformer import build_block, capture_layer_outputs
+from .transformer import build_block, capture_layer_outputs, gather_sequence, scatter_sequence
 
 
 @dataclass
@@ -53,7 +53,7 @@ class LatentViTEncoder(nn.Module):
                 self.class_pos_embed = nn.Parameter(torch.zeros(1, t.width)) if cfg.class_token else None
         self.block = build_block(
             t, impl, causal=False, eps=cfg.layernorm_eps, name="encoder", split_across_pipeline=True,
-            pre_process=pre_process, post_process=post_process,
+            sequence_parallel=True, pre_process=pre_process, post_process=post_process,
         )
         if post_process:
             self.final_norm = nn.LayerNorm(t.width, eps=cfg.layernorm_eps)
@@ -101,17 +101,17 @@ class LatentViTEncoder(nn.Module):
         block output in megatron's ``[s, b, h]`` layout, which is what the pipeline schedule sends on; stages
         after the first read their input (also ``[s, b, h]``) from :meth:`set_input_tensor`."""
         if self.pre_process:
-            x = self.embed(latents).transpose(0, 1).contiguous()
+            x = scatter_sequence(self.block, self.embed(latents).transpose(0, 1).contiguous())
         else:
             x = self._input_tensor
-        hidden = [x.transpose(0, 1)] if output_hidden_states else None
+        hidden = [gather_sequence(self.block, x).transpose(0, 1)] if output_hidden_states else None
         with capture_layer_outputs(self.block, enabled=output_hidden_states) as outs:
             x = self.block(x, attention_mask=None)
         if not self.post_process:
-            return x
+            return x  # with sequence parallelism: this TP rank's share of the sequence, as the schedule expects
         if hidden is not None:
             hidden.extend(o.transpose(0, 1) for o in outs)
-        return self.head(x.transpose(0, 1), hidden)
+        return self.head(gather_sequence(self.block, x).transpose(0, 1), hidden)
 
     def head(self, x: torch.Tensor, hidden_states=None) -> EncoderOutput:
         cfg = self.cfg

@@ -131,14 +131,24 @@ class SDPAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
 
 
+class LayerNorm(torch.nn.LayerNorm):
+    """torch LayerNorm with megatron's norm constructor. Unlike megatron's ``WrappedTorchNorm`` it supports
+    sequence parallelism: its parameters carry ``sequence_parallel`` so their gradients, partial sums over this
+    rank's share of the sequence, are all-reduced over the tensor-parallel group
+    (:func:`megatron_ov3.parallel.sequence_parallel.install_grad_hooks`), as megatron's fused norms are."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_unused):
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        for p in self.parameters():
+            setattr(p, "sequence_parallel", config.sequence_parallel)
+
+
 def _local_norm():
     if apex_available():
         from megatron.core.fusions.fused_layer_norm import FusedLayerNorm
 
         return FusedLayerNorm
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
-
-    return WrappedTorchNorm
+    return LayerNorm
 
 
 def _layer(mask: AttnMaskType, norm, qkv, core, proj, fc1, fc2) -> ModuleSpec:

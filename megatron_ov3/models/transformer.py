@@ -25,10 +25,12 @@ def _parallel_sizes():
 
 
 def transformer_config(
-    tower: TowerConfig, impl: LayerImplConfig, *, eps: float, name: str, split_across_pipeline: bool = False
+    tower: TowerConfig, impl: LayerImplConfig, *, eps: float, name: str, split_across_pipeline: bool = False,
+    sequence_parallel: bool = False,
 ) -> TransformerConfig:
     """The megatron-core TransformerConfig of one tower. Only the image encoder is split across pipeline
-    stages (``split_across_pipeline``); every other tower lives whole on one stage."""
+    stages (``split_across_pipeline``); every other tower lives whole on one stage. ``sequence_parallel``: the
+    tower takes part in ``impl.sequence_parallel`` (the image-token stacks do; the text towers do not)."""
     tp, pp = _parallel_sizes()
     if tower.heads % tp:
         raise ConfigError(
@@ -76,7 +78,7 @@ def transformer_config(
         bf16=impl.bf16,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp_tower,
-        sequence_parallel=impl.sequence_parallel,
+        sequence_parallel=impl.sequence_parallel and sequence_parallel,
         use_cpu_initialization=on_cpu,
     )
     if impl.recompute_granularity is not None:
@@ -96,11 +98,13 @@ def build_block(
     eps: float,
     name: str,
     split_across_pipeline: bool = False,
+    sequence_parallel: bool = False,
     pre_process: bool = True,
     post_process: bool = True,
 ) -> TransformerBlock:
     """A megatron-core TransformerBlock (no final norm: each tower owns its own) for one tower."""
-    config = transformer_config(tower, impl, eps=eps, name=name, split_across_pipeline=split_across_pipeline)
+    config = transformer_config(tower, impl, eps=eps, name=name, split_across_pipeline=split_across_pipeline,
+                                sequence_parallel=sequence_parallel)
     block = TransformerBlock(
         config=config,
         spec=layer_spec(impl.backend, causal=causal, attention=impl.attention),
@@ -111,14 +115,40 @@ def build_block(
     return block
 
 
+def scatter_sequence(block: TransformerBlock, x_sbh: torch.Tensor) -> torch.Tensor:
+    """Enter a sequence-parallel block: keep this TP rank's contiguous share of the sequence (dim 0) of a
+    replicated ``[s, b, h]`` tensor (backward: all-gather). Identity without sequence parallelism."""
+    if not block.config.sequence_parallel:
+        return x_sbh
+    from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
+
+    tp = block.config.tensor_model_parallel_size
+    if x_sbh.shape[0] % tp:
+        raise ValueError(f"sequence parallelism needs the token count ({x_sbh.shape[0]}) divisible by "
+                         f"--tensor-model-parallel-size {tp}; change --register-tokens or the image size, or "
+                         f"drop --sequence-parallel")
+    return scatter_to_sequence_parallel_region(x_sbh)
+
+
+def gather_sequence(block: TransformerBlock, x_sbh: torch.Tensor) -> torch.Tensor:
+    """Leave a sequence-parallel block: all-gather the sequence for the replicated computation that follows
+    (backward: each rank keeps its share of the, identical, full gradient). Identity otherwise."""
+    if not block.config.sequence_parallel:
+        return x_sbh
+    from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+    return gather_from_sequence_parallel_region(x_sbh, tensor_parallel_output_grad=False)
+
+
 @contextlib.contextmanager
 def capture_layer_outputs(block: TransformerBlock, enabled: bool = True):
-    """Collect the output hidden state ([s, b, h]) of every layer of ``block`` while the context is open."""
+    """Collect the output hidden state ([s, b, h], whole sequence) of every layer of ``block`` while the context
+    is open."""
     outputs: List[torch.Tensor] = []
     handles = []
     if enabled:
         def hook(_module, _inputs, out):
-            outputs.append(out[0] if isinstance(out, tuple) else out)
+            outputs.append(gather_sequence(block, out[0] if isinstance(out, tuple) else out))
 
         handles = [layer.register_forward_hook(hook) for layer in block.layers]
     try:
@@ -129,10 +159,11 @@ def capture_layer_outputs(block: TransformerBlock, enabled: bool = True):
 
 
 def run_block(block: TransformerBlock, x_bsh: torch.Tensor, hidden_states: Optional[list] = None) -> torch.Tensor:
-    """Run a block on batch-first activations ``[b, s, h]`` (megatron works in ``[s, b, h]``)."""
-    x = x_bsh.transpose(0, 1).contiguous()
+    """Run a block on batch-first activations ``[b, s, h]`` (megatron works in ``[s, b, h]``), sharding the
+    sequence over the tensor-parallel group inside the block when it is sequence-parallel."""
+    x = scatter_sequence(block, x_bsh.transpose(0, 1).contiguous())
     with capture_layer_outputs(block, enabled=hidden_states is not None) as outs:
         y = block(x, attention_mask=None)
     if hidden_states is not None:
         hidden_states.extend(o.transpose(0, 1) for o in outs)
-    return y.transpose(0, 1)
+    return gather_sequence(block, y).transpose(0, 1)

@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--fp8-format", default=None, choices=["hybrid", "e4m3"],
                    help="FP8 via Transformer Engine (ignored with a warning when TE is absent)")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="megatron sequence parallelism in the image encoder and decoder (needs TP > 1)")
     g.add_argument("--recompute-granularity", default=None, choices=["full", "selective"])
     g.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the DeepSpeed launcher")
 
@@ -138,6 +140,15 @@ def validate(args, world_size: int) -> None:
             f"--zero-stage {args.zero_stage} cannot be combined with pipeline parallelism (DeepSpeed refuses "
             f"ZeRO-2/3 with pipelining); use --zero-stage 1"
         )
+    if args.sequence_parallel:
+        if tp == 1:
+            raise UsageError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+        grid = (args.image_size // 16) ** 2
+        tokens = grid + int(args.class_token) + args.register_tokens
+        for what, n in (("encoder", tokens), ("decoder", grid)):
+            if n % tp:
+                raise UsageError(f"--sequence-parallel: the {what}'s {n} tokens are not divisible by "
+                                 f"--tensor-model-parallel-size {tp}; adjust --register-tokens or --image-size")
     if (args.train_iters is None) == (args.train_samples is None):
         raise UsageError("give exactly one of --train-iters and --train-samples")
     if (args.train_iters or 1) < 1 or (args.train_samples or 1) < 1:

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from .. import parallel
+from ..parallel.sequence_parallel import install_grad_hooks
 from ..cli import UsageError
 from ..data import DataConfig, DataIterator
 from ..data.mock import MockData
@@ -133,12 +134,14 @@ def run(args) -> int:
     impl = LayerImplConfig(
         backend=args.transformer_impl, attention=args.attention_backend,
         params_dtype=torch.bfloat16 if args.bf16 else torch.float32, bf16=args.bf16, fp8=fp8,
-        recompute_granularity=args.recompute_granularity,
+        recompute_granularity=args.recompute_granularity, sequence_parallel=args.sequence_parallel,
     )
     vae_kw = dict(scaling_factor=args.vae_scaling_factor, shift_factor=args.vae_shift_factor)
     vae = FrozenVAE.tiny(**vae_kw) if args.tiny_vae else FrozenVAE.from_pretrained(args.vae_path, **vae_kw)
     model = build_model(cfg, impl, vae=vae)
     model.to_frozen(device)
+    if args.sequence_parallel:  # around the model: TP all-reduce of the sequence-sharded parameters' gradients
+        log0(f"sequence parallelism: {install_grad_hooks(model)} parameters get a TP gradient all-reduce")
     if args.init_universal:  # into the bare model, before ZeRO partitions anything (works for every stage)
         check_init_compatible(cfg, args.init_universal)
         meta = universal.load_universal(model, args.init_universal, load_optimizer=False)

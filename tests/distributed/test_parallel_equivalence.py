@@ -67,8 +67,11 @@ LAYOUTS = {
     "DP2-ZeRO3": (2, ["--zero-stage", 3, "--micro-batch-size", 4]),
     "TP2xDP2": (4, ["--tensor-model-parallel-size", 2, "--micro-batch-size", 4]),
     "TP2xPP2": (4, ["--tensor-model-parallel-size", 2, "--pipeline-model-parallel-size", 2]),
-    "TP2-recompute-full": (2, ["--tensor-model-parallel-size", 2, "--recompute-granularity", "full"]),
+    "TP2-SP-recompute-full": (2, ["--tensor-model-parallel-size", 2, "--sequence-parallel",
+                                  "--recompute-granularity", "full"]),
     "PP2-recompute-selective": (2, ["--pipeline-model-parallel-size", 2, "--recompute-granularity", "selective"]),
+    "TP2xPP2-SP": (4, ["--tensor-model-parallel-size", 2, "--pipeline-model-parallel-size", 2,
+                       "--sequence-parallel"]),
 }
 
 
