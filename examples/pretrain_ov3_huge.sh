@@ -40,7 +40,7 @@ exec "${OV3_PYTHON:-python}" -u -m megatron_ov3.pretrain \
   --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" \
   --micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH" --train-samples "$TRAIN_SAMPLES" \
   --lr 5e-4 --min-lr 1e-6 --lr-warmup-iters 2000 --weight-decay 0.2 --adam-beta1 0.9 --adam-beta2 0.95 \
-  --clip-grad 1.0 --bf16 "${FP8[@]}" --zero-stage 1 \
+  --clip-grad 1.0 --bf16 "${FP8[@]}" --zero-stage 1 --overlap-grad-reduce --vae-channels-last --vae-autocast-bf16 \
   --save "$CHECKPOINT_PATH" --save-interval 1000 --keep-last 3 "${RESUME[@]}" \
   --log-interval 10 --tensorboard-dir "${TENSORBOARD_DIR:-$CHECKPOINT_PATH/tensorboard}" \
   "$@"

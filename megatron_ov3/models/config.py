@@ -124,6 +124,10 @@ class OV3Config:
     """Weight of the latent L1 inside L_rec."""
     lpips_weight: float = 0.0
     """Weight of LPIPS inside L_rec (paper: 0 in pre-training, 0.5 in fine-tuning). >0 needs lpips_path."""
+    pixel_loss_fraction: float = 1.0
+    """Fraction of each micro batch (its first ceil(f*B) samples) whose predicted latents are decoded for the
+    pixel L1/LPIPS losses. 1.0 is the paper's full pixel loss; below 1 is a documented deviation that cuts
+    the VAE-decode cost (the dominant one) proportionally; the latent L1 still covers every sample."""
     lpips_path: Optional[str] = None
     """Local file with LPIPS (VGG) weights; required when lpips_weight > 0."""
     caption_weight: float = 1.0
@@ -165,6 +169,8 @@ class OV3Config:
             self.lpips_weight == 0 or self.lpips_path,
             "lpips_weight > 0 needs lpips_path (a local LPIPS weights file); set it or set lpips_weight 0",
         )
+        _require(0 < self.pixel_loss_fraction <= 1,
+                 f"pixel_loss_fraction must lie in (0, 1], got {self.pixel_loss_fraction}")
         _require(self.logit_scale_init > 0, "logit_scale_init must be > 0")
         _require(self.logit_scale_max >= self.logit_scale_init, "logit_scale_max must be >= logit_scale_init")
 

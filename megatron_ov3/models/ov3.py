@@ -135,11 +135,13 @@ class OV3Model(nn.Module):
         if cfg.pixel_l1_weight > 0 or cfg.lpips_weight > 0:
             if self.vae is None:
                 raise ValueError("the pixel loss needs the VAE decoder; pass vae=FrozenVAE(...) or set pixel_l1_weight 0")
-            x_hat = self.vae.decode(z_hat)
+            k = math.ceil(cfg.pixel_loss_fraction * z_hat.shape[0])  # all of them unless a deviation is asked
+            x_hat = self.vae.decode(z_hat[:k])
             x = batch.get("images")
             if x is None:  # latent shards carry no pixels: the target is the VAE's own reconstruction
                 with torch.no_grad():
-                    x = self.vae.decode(z)
+                    x = self.vae.decode(z[:k])
+            x = x[:k]
             out["pixel_l1"] = l1(x_hat, x)
             rec = rec + cfg.pixel_l1_weight * out["pixel_l1"]
             if self.lpips is not None:

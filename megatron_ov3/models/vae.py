@@ -7,6 +7,7 @@ and scaled: ``(mean - shift_factor) * scaling_factor``. ``decode`` undoes the sc
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -43,6 +44,22 @@ TINY_VAE_OVERRIDES = dict(block_out_channels=(32, 32, 32, 32), layers_per_block=
 """A random-init VAE with the FLUX structure (4 levels = 8x, 16 latent channels) at toy width, for tests/demo."""
 
 
+@dataclass
+class VAEDecodeConfig:
+    """How the frozen VAE decoder runs for the pixel loss (the dominant cost of a naive OV3 step). Every option
+    leaves the math unchanged (up to floating-point rounding)."""
+
+    channels_last: bool = False
+    """Run the decoder's convolutions in channels-last memory format (faster cuDNN kernels on GPU)."""
+    autocast_bf16: bool = False
+    """Keep the VAE weights in their dtype (e.g. fp32) and run the decoder under bf16 autocast."""
+    compile: bool = False
+    """``torch.compile`` the decoder call (first step compiles; dynamic batch sizes recompile once)."""
+    checkpoint: bool = False
+    """Activation checkpointing around the decoder: its activations are recomputed in backward instead of
+    kept, trading one extra decoder forward for memory (for large micro batches)."""
+
+
 class FrozenVAE(nn.Module):
     """Frozen diffusers ``AutoencoderKL`` with OV3's latent normalisation."""
 
@@ -57,6 +74,16 @@ class FrozenVAE(nn.Module):
         self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
         self.vae.requires_grad_(False)
         self.vae.eval()
+        self.decode_config = VAEDecodeConfig()
+        self._decode_fn = self._decode_eager
+
+    def configure_decode(self, config: VAEDecodeConfig) -> "FrozenVAE":
+        """Apply a :class:`VAEDecodeConfig` (memory format, autocast, compile, checkpointing) to ``decode``."""
+        self.decode_config = config
+        if config.channels_last:
+            self.vae.to(memory_format=torch.channels_last)
+        self._decode_fn = torch.compile(self._decode_eager) if config.compile else self._decode_eager
+        return self
 
     # ---- constructors ----
     @classmethod
@@ -112,7 +139,20 @@ class FrozenVAE(nn.Module):
         mean = self.vae.encode(images.to(self.dtype)).latent_dist.mean
         return ((mean - self.shift_factor) * self.scaling_factor).float()
 
+    def _decode_eager(self, z: torch.Tensor) -> torch.Tensor:
+        c = self.decode_config
+        if c.channels_last:
+            z = z.contiguous(memory_format=torch.channels_last)
+        if c.autocast_bf16:
+            with torch.autocast(z.device.type, dtype=torch.bfloat16):
+                return self.vae.decode(z).sample.float()
+        return self.vae.decode(z).sample.float()
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents -> images in about [-1, 1]; differentiable w.r.t. ``latents``."""
-        z = latents / self.scaling_factor + self.shift_factor
-        return self.vae.decode(z.to(self.dtype)).sample.float()
+        z = (latents / self.scaling_factor + self.shift_factor).to(self.dtype)
+        if self.decode_config.checkpoint and torch.is_grad_enabled() and z.requires_grad:
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(self._decode_fn, z, use_reentrant=False)
+        return self._decode_fn(z)

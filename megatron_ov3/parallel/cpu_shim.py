@@ -9,7 +9,9 @@ these raises "Torch not compiled with CUDA enabled". :func:`install` maps them t
 * the CUDA RNG get/set/seed functions act on the CPU generator, so the RNG tracker's ``fork()`` switches CPU
   RNG streams exactly as it switches CUDA streams on a GPU (dropout stays reproducible per TP rank);
 * ``torch.cuda.synchronize()`` is a no-op (CPU ops are synchronous);
-* ``torch.zeros(..., device="cuda")`` in megatron's pipeline schedules gets the CPU device.
+* ``torch.zeros(..., device="cuda")`` in megatron's pipeline schedules gets the CPU device;
+* the default causal mask of megatron's unfused softmax attention (built with ``device="cuda"``) is built on
+  the CPU.
 
 It does nothing when CUDA is available, and calling it twice is harmless. Nothing else in the package
 touches these functions.
@@ -82,5 +84,15 @@ def install() -> bool:
     sched_torch = _SchedTorch()
     sched_torch.zeros = _cpu_zeros(torch.zeros)
     schedules.torch = sched_torch
+
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils as transformer_utils
+
+    @functools.lru_cache(maxsize=None)
+    def causal_mask(sq: int) -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq), diagonal=1).bool()
+
+    transformer_utils.get_default_causal_mask = causal_mask
+    fused_softmax.get_default_causal_mask = causal_mask
     _INSTALLED = True
     return True

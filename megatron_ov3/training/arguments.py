@@ -34,6 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vae-shift-factor", type=float, default=None,
                    help="latent = (mean - shift) * scale; default FLUX's 0.1159 (the official OV3 release uses 0)")
     g.add_argument("--vae-scaling-factor", type=float, default=None, help="default FLUX's 0.3611")
+    g.add_argument("--pixel-loss-fraction", type=float, default=1.0,
+                   help="decode only this fraction of each micro batch for the pixel loss (deviation; paper: 1)")
+    g.add_argument("--vae-channels-last", action="store_true", help="VAE decoder in channels-last format")
+    g.add_argument("--vae-autocast-bf16", action="store_true",
+                   help="VAE decoder under bf16 autocast (its weights stay fp32)")
+    g.add_argument("--vae-decode-compile", action="store_true", help="torch.compile the VAE decoder call")
+    g.add_argument("--vae-decode-checkpoint", action="store_true",
+                   help="recompute the VAE decoder's activations in backward (saves memory)")
     g.add_argument("--transformer-impl", default="auto", choices=["auto", "local", "te"])
     g.add_argument("--attention-backend", default="sdpa", choices=["sdpa", "unfused"])
 
@@ -71,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--fp8-format", default=None, choices=["hybrid", "e4m3"],
                    help="FP8 via Transformer Engine (ignored with a warning when TE is absent)")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="overlap ZeRO-1/2 gradient reduction with backward (DeepSpeed overlap_comm)")
     g.add_argument("--sequence-parallel", action="store_true",
                    help="megatron sequence parallelism in the image encoder and decoder (needs TP > 1)")
     g.add_argument("--recompute-granularity", default=None, choices=["full", "selective"])

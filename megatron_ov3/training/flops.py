@@ -56,14 +56,19 @@ def _vae_fwd_flops(vae_id: int, image_size: int, vae) -> tuple:
 
 
 def step_flops_per_sample(cfg: OV3Config, image_size: int, vae=None, encode_in_step: bool = True) -> dict:
-    """All FLOPs of one training step per sample, by part, including the VAE when given."""
+    """All FLOPs of one training step per sample, by part, including the VAE when given. ``encode_in_step``
+    False: latent input (latent shards), so no VAE encode, but the pixel-loss target is the VAE's decode of
+    the given latents (one more decoder forward, no grad). The decode terms scale with
+    ``cfg.pixel_loss_fraction``."""
     parts = model_flops_per_sample(cfg, image_size)
     if vae is not None:
         enc, dec = _vae_fwd_flops(id(vae), image_size, vae)
         if encode_in_step:
             parts["vae_encode"] = enc
         if cfg.pixel_l1_weight > 0 or cfg.lpips_weight > 0:
-            parts["vae_decode"] = 2.0 * dec
+            parts["vae_decode"] = 2.0 * dec * cfg.pixel_loss_fraction
+            if not encode_in_step:
+                parts["vae_decode_target"] = dec * cfg.pixel_loss_fraction
     parts["total"] = sum(parts.values())
     return parts
 

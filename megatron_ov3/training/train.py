@@ -19,7 +19,7 @@ from ..cli import UsageError
 from ..data import DataConfig, DataIterator
 from ..data.mock import MockData
 from ..data.tokenizer import Tokenizer
-from ..models import FrozenVAE, LayerImplConfig, LOSS_NAMES, build_model, get_config
+from ..models import FrozenVAE, LayerImplConfig, VAEDecodeConfig, LOSS_NAMES, build_model, get_config
 from ..models.specs import te_available
 from . import checkpoint as ckpt
 from . import universal
@@ -129,7 +129,7 @@ def run(args) -> int:
         vocab_size=vocab, lpips_weight=args.lpips_weight, lpips_path=args.lpips_path,
         pixel_l1_weight=args.pixel_l1_weight, latent_l1_weight=args.latent_l1_weight,
         reconstruction_weight=args.reconstruction_weight, caption_weight=args.caption_weight,
-        contrastive_weight=args.contrastive_weight,
+        contrastive_weight=args.contrastive_weight, pixel_loss_fraction=args.pixel_loss_fraction,
     )
     impl = LayerImplConfig(
         backend=args.transformer_impl, attention=args.attention_backend,
@@ -138,6 +138,8 @@ def run(args) -> int:
     )
     vae_kw = dict(scaling_factor=args.vae_scaling_factor, shift_factor=args.vae_shift_factor)
     vae = FrozenVAE.tiny(**vae_kw) if args.tiny_vae else FrozenVAE.from_pretrained(args.vae_path, **vae_kw)
+    vae.configure_decode(VAEDecodeConfig(channels_last=args.vae_channels_last, autocast_bf16=args.vae_autocast_bf16,
+                                         compile=args.vae_decode_compile, checkpoint=args.vae_decode_checkpoint))
     model = build_model(cfg, impl, vae=vae)
     model.to_frozen(device)
     if args.sequence_parallel:  # around the model: TP all-reduce of the sequence-sharded parameters' gradients
@@ -157,7 +159,9 @@ def run(args) -> int:
         "gradient_accumulation_steps": 1 if pipelined else plan.grad_accum,
         "train_batch_size": plan.global_batch_size,
         "gradient_clipping": args.clip_grad,
-        "zero_optimization": {"stage": args.zero_stage},
+        "zero_optimization": {"stage": args.zero_stage,
+                              **({"overlap_comm": True, "contiguous_gradients": True}
+                                 if args.overlap_grad_reduce and args.zero_stage in (1, 2) else {})},
         "bf16": {"enabled": bool(args.bf16)},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,

@@ -63,7 +63,7 @@ LAYOUTS = {
     "TP2": (2, ["--tensor-model-parallel-size", 2]),
     "PP2": (2, ["--pipeline-model-parallel-size", 2]),
     "DP2-ZeRO1": (2, ["--zero-stage", 1, "--micro-batch-size", 4]),
-    "DP2-ZeRO2": (2, ["--zero-stage", 2, "--micro-batch-size", 4]),
+    "DP2-ZeRO2-overlap": (2, ["--zero-stage", 2, "--micro-batch-size", 4, "--overlap-grad-reduce"]),
     "DP2-ZeRO3": (2, ["--zero-stage", 3, "--micro-batch-size", 4]),
     "TP2xDP2": (4, ["--tensor-model-parallel-size", 2, "--micro-batch-size", 4]),
     "TP2xPP2": (4, ["--tensor-model-parallel-size", 2, "--pipeline-model-parallel-size", 2]),

@@ -68,6 +68,43 @@ def test_pixel_loss_gradient_flows_through_vae_decoder(mp1):
     assert all(p.grad is None for p in vae.parameters())
 
 
+def test_vae_decode_fast_options_keep_values_and_gradients(mp1):
+    """channels-last + activation checkpointing: same images and same latent gradient as the eager decode."""
+    from megatron_ov3.models import VAEDecodeConfig
+
+    vae = FrozenVAE.tiny()
+    z = torch.randn(2, 16, 8, 8)
+    ref_z = z.clone().requires_grad_(True)
+    ref = vae.decode(ref_z)
+    ref.square().mean().backward()
+    vae.configure_decode(VAEDecodeConfig(channels_last=True, checkpoint=True))
+    fast_z = z.clone().requires_grad_(True)
+    fast = vae.decode(fast_z)
+    fast.square().mean().backward()
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast_z.grad, ref_z.grad, atol=1e-5, rtol=1e-5)
+    assert all(p.grad is None for p in vae.parameters())
+
+
+def test_pixel_loss_fraction_decodes_a_prefix_of_the_batch(mp1):
+    from megatron_ov3.losses import l1
+
+    batch = random_batch(b=4, image_size=32, vocab=512)
+    full = tiny_model(image_size=32)
+    half = tiny_model(image_size=32, pixel_loss_fraction=0.5)
+    half.load_state_dict(full.state_dict())
+    calls = []
+    orig = half.vae.decode
+    half.vae.decode = lambda z: calls.append(z.shape[0]) or orig(z)
+    full.eval(), half.eval()  # no decoder noise: both predict the same latents
+    with torch.no_grad():
+        out_full, out_half = full(batch), half(batch)
+        z_hat, x_hat = full.reconstruct(batch["images"])
+    assert calls == [2]  # only the first ceil(0.5 * 4) predictions go through the VAE decoder
+    torch.testing.assert_close(out_half["latent_l1"], out_full["latent_l1"])
+    torch.testing.assert_close(out_half["pixel_l1"], l1(x_hat[:2], batch["images"][:2]))
+
+
 def test_vae_encode_is_scaled_posterior_mean(mp1):
     vae = FrozenVAE.tiny()
     x = torch.rand(2, 3, 32, 32) * 2 - 1

@@ -1,0 +1,1 @@
+"""Performance measurement: the whole-step benchmark (``tools/benchmark.py``)."""

@@ -1,0 +1,48 @@
+"""tools/benchmark.py on CPU at tiny size: every variant runs, the report is complete and self-consistent."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _bench(*flags):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), *map(str, flags)],
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="2"))
+
+
+def test_benchmark_report(tmp_path):
+    out = tmp_path / "bench.json"
+    r = _bench("--model-size", "tiny", "--image-size", 32, "--micro-batch-size", 4, "--tiny-vae", "--steps", 2,
+               "--warmup", 1, "--pixel-loss-fraction", 0.5, "--json", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.load(open(out))
+    res = rep["results"]
+    for name in ("ov3", "naive", "encoder", "encoder_local", "bare_vit"):
+        v = res[name]
+        assert v["mean_s"] > 0 and v["min_s"] <= v["mean_s"]
+        assert math.isclose(v["images_per_s"], 4 / v["mean_s"], rel_tol=1e-9)
+        assert math.isclose(v["mfu_vs_matmul"], v["tflops_per_s"] / res["matmul"]["tflops"], rel_tol=1e-9)
+        assert name in r.stdout
+    # FLOPs: latent input has no VAE encode but decodes the target; the naive step encodes every step
+    fast, naive = res["ov3"]["flops_per_image"], res["naive"]["flops_per_image"]
+    assert "vae_encode" not in fast and fast["vae_decode_target"] > 0 and naive["vae_encode"] > 0
+    assert math.isclose(fast["vae_decode"], 0.5 * naive["vae_decode"], rel_tol=1e-9)  # --pixel-loss-fraction
+    parts = res["ov3"]["parts"]
+    for k in ("encoder_s", "decoder_s", "vae_decode_s", "vae_decode_target_s", "text_s", "caption_s",
+              "optimizer_s"):
+        assert parts[k] > 0, k
+    assert math.isclose(sum(parts.values()), res["ov3"]["mean_s"], rel_tol=1e-9)
+    assert math.isclose(rep["ratios"]["ov3_vs_naive"], res["ov3"]["images_per_s"] / res["naive"]["images_per_s"])
+    assert set(rep["ratios"]) >= {"ov3_vs_naive", "encoder_vs_bare_vit", "encoder_vs_megatron_local"}
+    assert rep["versions"]["torch"] and rep["device"].startswith("CPU") and rep["config"]["micro_batch"] == 4
+
+
+def test_benchmark_usage_errors():
+    r = _bench("--image-size", 30)
+    assert r.returncode == 2 and "multiple of 16" in r.stderr
+    r = _bench("--pixel-loss-fraction", 0)
+    assert r.returncode == 2 and "(0, 1]" in r.stderr
