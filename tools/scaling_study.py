@@ -1,8 +1,17 @@
 #!/usr/bin/env python
 """Plan OV3 training layouts across node counts: memory per GPU and step time of every TP x PP x DP x ZeRO x
-micro-batch x recompute layout, keep what fits, rank by throughput; table, JSON and PNG plots."""
+micro-batch x recompute layout, keep what fits, rank by throughput; table, JSON and PNG plots.
+
+Measured mode (--measure N[:tpT][:ppP][:zeroZ][:mbM] ...): launch real training runs through the DeepSpeed
+launcher (CPU gloo processes, or GPUs/nodes with --hostfile), read step time and peak memory from their
+metrics files and put them next to the planner's prediction (table, measured.json, measured.png):
+
+  python tools/scaling_study.py --model-size tiny --image-size 32 --global-batch-size 8 --measure 1 2 4 \
+      --calibrate bench.json --output study/          # CPU: --train-flags defaults to '--mock-data --tiny-vae'
+"""
 import json
 import os
+import shlex
 
 import _bootstrap  # noqa: F401
 from megatron_ov3.cli import Parser, UsageError, exit_with
@@ -20,13 +29,38 @@ def main(argv=None):
     p.add_argument("--fp8", action="store_true")
     p.add_argument("--top", type=int, default=3)
     p.add_argument("--output", default=None, help="folder for plan.json and PNG plots")
+    p.add_argument("--calibrate", default=None, help="tools/benchmark.py --json output: calibrate the hardware")
+    m = p.add_argument_group("measured mode")
+    m.add_argument("--measure", nargs="+", default=None, metavar="SPEC",
+                   help="runs to launch: N[:tpT][:ppP][:zeroZ][:mbM], e.g. 1 2 4 4:tp2")
+    m.add_argument("--measure-iters", type=int, default=4, help="timed iterations per run (after 1 warm-up)")
+    m.add_argument("--train-flags", default="--mock-data --tiny-vae",
+                   help="data/VAE flags passed to every run (cluster: '--data-path ... --tokenizer ... --vae-path ...')")
+    m.add_argument("--hostfile", default=None, help="DeepSpeed hostfile for multi-node runs")
+    m.add_argument("--master-port", type=int, default=29650)
+    m.add_argument("--fp32", action="store_true", help="predict fp32 model states (runs without --bf16)")
     args = p.parse_args(argv)
     from megatron_ov3.scaling.planner import Hardware, plan
     from megatron_ov3.scaling.report import plot_plan, table
 
+    if args.hardware and not os.path.isfile(args.hardware):
+        raise UsageError(f"--hardware {args.hardware!r} does not exist; give a YAML hardware profile")
     hw = Hardware.from_yaml(args.hardware) if args.hardware else Hardware()
+    if args.calibrate:
+        from megatron_ov3.scaling.measure import calibrate
+
+        if not os.path.isfile(args.calibrate):
+            raise UsageError(f"--calibrate {args.calibrate!r} does not exist; write it with tools/benchmark.py --json")
+        try:
+            hw = calibrate(hw, json.load(open(args.calibrate)))
+        except (KeyError, ValueError) as e:
+            raise UsageError(f"--calibrate {args.calibrate!r} is not a tools/benchmark.py --json report ({e})")
+        print(f"hardware calibrated from {args.calibrate}: peak {hw.peak_tflops_bf16:.3f} TFLOP/s, "
+              f"efficiency {hw.efficiency:.3f}, VAE fraction {hw.vae_tflops_fraction:.3f}")
     if any(n < 1 for n in args.nodes):
         raise UsageError("--nodes must be >= 1")
+    if args.measure:
+        return _measure(args, hw)
     result = {}
     for size in args.model_size:
         rows = plan(size, args.nodes, hw, args.image_size, args.global_batch_size, args.per_gpu_batch, args.mode,
@@ -40,6 +74,43 @@ def main(argv=None):
             json.dump({"hardware": hw.__dict__, "mode": args.mode, "plans": result}, f, indent=1)
         for path in plot_plan(result, args.output, hw):
             print(f"wrote {path}")
+
+
+def _measure(args, hw):
+    from megatron_ov3.scaling.measure import RunSpec, measure_table, plot_measured, predicted, run_measured
+
+    if len(args.model_size) != 1:
+        raise UsageError("--measure takes one --model-size")
+    if args.measure_iters < 1:
+        raise UsageError("--measure-iters must be >= 1")
+    size = args.model_size[0]
+    specs = []
+    for text in args.measure:
+        try:
+            spec = RunSpec.parse(text)
+            spec.layout(args.global_batch_size)
+        except ValueError as e:
+            raise UsageError(str(e))
+        specs.append(spec)
+    out = args.output or "scaling_measured"
+    os.makedirs(out, exist_ok=True)
+    rows = []
+    for i, spec in enumerate(specs):
+        print(f"running {spec.name} ...", flush=True)
+        meas = run_measured(spec, size=size, image_size=args.image_size, global_batch=args.global_batch_size,
+                            iters=args.measure_iters, out_dir=out, port=args.master_port + i,
+                            train_flags=shlex.split(args.train_flags), hostfile=args.hostfile,
+                            gpus_per_node=hw.gpus_per_node)
+        pred = predicted(spec, size=size, image_size=args.image_size, global_batch=args.global_batch_size, hw=hw,
+                         bf16=not args.fp32, vae="tiny" if "--tiny-vae" in args.train_flags else "flux")
+        rows.append({"name": spec.name, "measured": meas, "predicted": pred})
+    print(measure_table(rows))
+    with open(os.path.join(out, "measured.json"), "w") as f:
+        json.dump({"hardware": hw.__dict__, "model_size": size, "image_size": args.image_size,
+                   "global_batch": args.global_batch_size, "runs": rows}, f, indent=1)
+    print(f"wrote {os.path.join(out, 'measured.json')}")
+    print(f"wrote {plot_measured(rows, out, f'OV3-{size} {args.image_size}px, global batch {args.global_batch_size}')}")
+    return 0
 
 
 if __name__ == "__main__":

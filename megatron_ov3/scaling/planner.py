@@ -62,6 +62,9 @@ class Hardware:
     as sqrt(tokens / saturation_tokens) (small GEMMs underfill the GPU)."""
     microbatch_overhead_s: float = 0.004
     """Fixed cost per micro-batch and stage (kernel launches, optimizer-free bookkeeping, p2p latency)."""
+    devices_share_peak: bool = False
+    """True for CPU processes: the processes of one node share one peak (the cores) instead of each owning a
+    GPU; compute time then scales with the processes per node (set by calibration from a CPU benchmark)."""
 
     @classmethod
     def from_yaml(cls, path: str) -> "Hardware":
@@ -143,7 +146,8 @@ def activation_bytes(cfg: OV3Config, image_size: int, lay: Layout, hw: Hardware,
 
 
 def estimate(cfg: OV3Config, image_size: int, global_batch: int, world: int, lay: Layout, hw: Hardware,
-             bf16: bool = True, fp8: bool = False) -> Estimate:
+             bf16: bool = True, fp8: bool = False, vae: str = "flux") -> Estimate:
+    """``vae``: 'flux' (the FLUX.1 VAE's FLOPs) or 'tiny' (the toy VAE of CPU runs, for measured-mode checks)."""
     shards = _tower_shards(cfg, lay.tp, lay.pp)
     params = sum(shards.values())
     largest = _layer_params(cfg.encoder.width, cfg.encoder.mlp) / lay.tp
@@ -160,10 +164,11 @@ def estimate(cfg: OV3Config, image_size: int, global_batch: int, world: int, lay
     peak = (hw.peak_tflops_fp8 if fp8 else hw.peak_tflops_bf16) * 1e12
     tokens = ((image_size // cfg.pixels_per_token) ** 2) * lay.micro_batch / lay.tp
     eff = hw.efficiency * min(1.0, (tokens / hw.saturation_tokens) ** 0.5)
-    t_compute = transformer * recompute_factor / (peak * eff) + hw.microbatch_overhead_s * lay.grad_accum
+    share = min(world, hw.gpus_per_node) if hw.devices_share_peak else 1
+    t_compute = transformer * recompute_factor * share / (peak * eff) + hw.microbatch_overhead_s * lay.grad_accum
     # the frozen VAE (encode + decode with grad), data-parallel over all ranks of a pipeline stage
-    vae_flops = _vae_flops_per_image(image_size) * global_batch / (lay.dp * lay.tp)
-    t_vae = vae_flops / (hw.peak_tflops_bf16 * 1e12 * hw.vae_tflops_fraction) / max(1, lay.pp)
+    vae_flops = _vae_flops_per_image(image_size, vae) * global_batch / (lay.dp * lay.tp)
+    t_vae = vae_flops * share / (hw.peak_tflops_bf16 * 1e12 * hw.vae_tflops_fraction) / max(1, lay.pp)
     # tensor-parallel all-reduces: 4 per layer per micro-batch (2 fwd, 2 bwd), ring over NVLink
     n_tok = (image_size // cfg.pixels_per_token) ** 2
     act = n_tok * lay.micro_batch * cfg.encoder.width * 2
@@ -184,12 +189,12 @@ def estimate(cfg: OV3Config, image_size: int, global_batch: int, world: int, lay
     return Estimate(lay, mem, times, global_batch / step, fits)
 
 
-def _vae_flops_per_image(image_size: int) -> float:
+def _vae_flops_per_image(image_size: int, vae: str = "flux") -> float:
     """Frozen-VAE FLOPs of one training sample: encode + decode forward + decode backward to the input (~1x
-    forward), counted for the FLUX.1 architecture (training/flops.py)."""
-    from ..training.flops import flux_vae_flops
+    forward), counted for the FLUX.1 architecture or the toy VAE (training/flops.py)."""
+    from ..training.flops import flux_vae_flops, tiny_vae_flops
 
-    enc, dec = flux_vae_flops(image_size)
+    enc, dec = flux_vae_flops(image_size) if vae == "flux" else tiny_vae_flops(image_size)
     return enc + 2 * dec
 
 

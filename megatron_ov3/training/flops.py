@@ -90,3 +90,12 @@ def flux_vae_flops(image_size: int) -> tuple:
         with FlopCounterMode(display=False) as dec:
             ae.decode(z)
     return float(enc.get_total_flops()), float(dec.get_total_flops())
+
+
+@functools.lru_cache(maxsize=8)
+def tiny_vae_flops(image_size: int) -> tuple:
+    """(encode, decode) forward FLOPs per image of the toy VAE (``FrozenVAE.tiny``) of CPU runs."""
+    from ..models.vae import FrozenVAE
+
+    vae = FrozenVAE.tiny()
+    return _vae_fwd_flops(id(vae), image_size, vae)

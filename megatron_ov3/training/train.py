@@ -281,12 +281,15 @@ def run(args) -> int:
                 for k, v in bad.items():
                     writer.add_scalar(f"data/bad_{k}", v, iteration)
                 writer.flush()
+            mem_max = torch.tensor([memory_mb(device)], device=device)
+            dist.all_reduce(mem_max, op=dist.ReduceOp.MAX)  # the most loaded rank (e.g. the last pipeline stage)
             if args.metrics_file and dist.get_rank() == 0:
                 with open(args.metrics_file, "a") as f:
                     f.write(json.dumps({"iteration": iteration, **avg, "lr": lr, "grad_norm": float(gn or 0.0),
                                         "samples_per_s": sps, "tflops_per_device": tflops,
                                         "step_time_s": dt * plan.global_batch_size / samples_since_log,
-                                        "memory_mb": memory_mb(device), "bad_samples": bad,
+                                        "memory_mb": memory_mb(device), "memory_mb_max_rank": float(mem_max),
+                                        "bad_samples": bad,
                                         "skipped_steps": skipped_total}) + "\n")
             if wandb_run is not None:
                 wandb_run.log({**{f"train/{k}": v for k, v in avg.items()}, "lr": lr, "samples_per_s": sps},

@@ -1,0 +1,52 @@
+"""Measured mode of tools/scaling_study.py: 1, 2 and 4 CPU processes through the real DeepSpeed launcher, read
+back from their metrics files, next to the planner calibrated from tools/benchmark.py --json."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+pytestmark = pytest.mark.distributed
+
+
+def _tool(name, *flags, timeout=900):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", name), *map(str, flags)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, env=dict(os.environ, PYTHONPATH=ROOT))
+
+
+def test_measured_runs_next_to_calibrated_prediction(tmp_path):
+    bench = tmp_path / "bench.json"
+    r = _tool("benchmark.py", "--model-size", "tiny", "--image-size", 32, "--micro-batch-size", 8, "--tiny-vae",
+              "--fp32", "--steps", 3, "--warmup", 2, "--no-naive", "--no-bare", "--json", bench)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "study"
+    r = _tool("scaling_study.py", "--model-size", "tiny", "--image-size", 32, "--global-batch-size", 8, "--fp32",
+              "--measure", 1, 2, 4, "--measure-iters", 2, "--calibrate", bench, "--master-port", 29650,
+              "--output", out)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    rep = json.load(open(out / "measured.json"))
+    b = json.load(open(bench))
+    hw = rep["hardware"]
+    assert hw["peak_tflops_bf16"] == b["results"]["matmul"]["tflops"] and hw["devices_share_peak"] is True
+    assert [run["measured"]["spec"]["processes"] for run in rep["runs"]] == [1, 2, 4]
+    for run, dp in zip(rep["runs"], (1, 2, 4)):
+        m, p = run["measured"], run["predicted"]
+        assert m["layout"]["dp"] == dp and m["layout"]["micro_batch"] == 8 // dp
+        assert m["iterations"] == 2 and m["step_time_s"] > 0 and m["peak_memory_mb"] > 0
+        assert math.isclose(m["samples_per_s"], 8 / m["step_time_s"])
+        assert p["step_time_s"] > 0 and p["memory_mb"]["total"] > 0
+        assert "--num_gpus" in m["command"] and "megatron_ov3.pretrain" in m["command"]
+    assert (out / "measured.png").stat().st_size > 0
+    assert "| 4p TP1 PP1 ZeRO-1 |" in r.stdout
+
+
+def test_measured_mode_usage_errors(tmp_path):
+    r = _tool("scaling_study.py", "--model-size", "tiny", "--measure", "3:tp2", timeout=120)
+    assert r.returncode == 2 and "not divisible by TP x PP" in r.stderr
+    r = _tool("scaling_study.py", "--model-size", "tiny", "--measure", "2:fast", timeout=120)
+    assert r.returncode == 2 and "unknown part 'fast'" in r.stderr
+    r = _tool("scaling_study.py", "--calibrate", tmp_path / "none.json", timeout=120)
+    assert r.returncode == 2 and "write it with tools/benchmark.py --json" in r.stderr
