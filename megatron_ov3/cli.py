@@ -12,14 +12,28 @@ class UsageError(ValueError):
 USER_ERRORS = (UsageError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, KeyError)
 
 
+def _shutdown_distributed(barrier: bool) -> None:
+    """Tear the process group down before the interpreter exits: left to interpreter shutdown, gloo's threads
+    can be destroyed while still joinable ("terminate called without an active exception", exit 250)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    if barrier:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def run(main, argv=None) -> int:
-    """Call ``main(argv)``; user errors print ``error: <message>`` and return 2."""
+    """Call ``main(argv)``; user errors print ``error: <message>`` and return 2. A process group the command
+    created is destroyed before returning."""
     try:
         rc = main(argv)
     except USER_ERRORS as e:
         msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
         print(f"error: {msg.splitlines()[0] if msg else type(e).__name__}", file=sys.stderr)
+        _shutdown_distributed(barrier=False)
         return 2
+    _shutdown_distributed(barrier=True)
     return int(rc or 0)
 
 
