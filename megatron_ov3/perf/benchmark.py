@@ -232,6 +232,10 @@ class Bench:
         base.update(kw)
         return LayerImplConfig(**base)
 
+    def _baseline_impl(self):
+        """megatron-core's local spec with its unfused softmax attention; no FP8, no recomputation."""
+        return self._impl(backend="local", attention="unfused", fp8=None, recompute_granularity=None)
+
     def _model(self, cfg, impl, vae):
         return build_model(cfg, impl, vae=vae).to(self.device, self.dtype)
 
@@ -270,7 +274,7 @@ class Bench:
         vae = copy.deepcopy(self.vae).configure_decode(VAEDecodeConfig())
         if bc.bf16:
             vae.to(torch.bfloat16)
-        model = self._model(cfg, self._impl(backend="local", attention="unfused", fp8=None), vae)
+        model = self._model(cfg, self._baseline_impl(), vae)
         batch = {k: v for k, v in self.batch.items() if k != "latents"}
         opt = _optimizer(model.parameters(), dev, fused=False)
         _reset_peak(dev)
@@ -420,7 +424,7 @@ class Bench:
             self.naive_step()
         if bc.bare:
             self._encoder_step("encoder", self._impl())
-            self._encoder_step("encoder_local", self._impl(backend="local", attention="unfused", fp8=None))
+            self._encoder_step("encoder_local", self._baseline_impl())
             self.bare_vit(False)
             if bc.bare_compile:
                 self.bare_vit(True)
