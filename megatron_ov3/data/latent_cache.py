@@ -4,9 +4,14 @@ Output shards keep the input shard names, are written atomically (``.tmp`` then 
 already present, so an interrupted run resumes where it stopped. Several processes (``rank``/``world``, e.g.
 one per GPU via torchrun) take disjoint shards (every world-th). Training detects latent shards by their
 ``.latent.npy`` members and then skips the VAE encoder.
+
+The output folder also gets ``latent_cache.json`` (resolution and the VAE's latent normalisation): a folder
+never mixes two normalisations, and training refuses latent shards whose normalisation differs from its VAE's
+(:func:`check_latent_normalisation`), which would otherwise train silently on shifted targets.
 """
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from typing import Dict, List
@@ -29,6 +34,7 @@ def cache_latents(data_path: str, out_dir: str, vae, image_size: int, batch_size
     if len(set(names)) != len(names):
         raise ValueError("input shards from different folders share file names; cache each source separately")
     os.makedirs(out_dir, exist_ok=True)
+    _record_normalisation(out_dir, vae, image_size)
     mine = shards[rank::world]
     stats: Counter = Counter()
     vae = vae.to(device)
@@ -70,3 +76,42 @@ def cache_latents(data_path: str, out_dir: str, vae, image_size: int, batch_size
         stats["shards_written"] += 1
     return dict(stats)
 
+
+
+MANIFEST = "latent_cache.json"
+
+
+def _manifest(vae, image_size: int) -> dict:
+    return {"image_size": int(image_size), "scaling_factor": float(vae.scaling_factor),
+            "shift_factor": float(vae.shift_factor)}
+
+
+def _record_normalisation(out_dir: str, vae, image_size: int) -> None:
+    path = os.path.join(out_dir, MANIFEST)
+    mine = _manifest(vae, image_size)
+    if os.path.isfile(path):
+        have = json.load(open(path))
+        if have != mine:
+            raise ValueError(f"{out_dir!r} already holds latents made with {have}, this run would add {mine}; "
+                             f"use another --output-dir")
+        return
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(mine, f)
+    os.replace(tmp, path)
+
+
+def check_latent_normalisation(data_path: str, vae, image_size: int) -> None:
+    """Raise ValueError when a shard folder of ``data_path`` has a latent-cache manifest that disagrees with
+    ``vae``'s normalisation or with ``image_size``."""
+    mine = _manifest(vae, image_size)
+    for folder in sorted({os.path.dirname(os.path.abspath(u)) for src in expand_urls(data_path) for u in src}):
+        path = os.path.join(folder, MANIFEST)
+        if not os.path.isfile(path):
+            continue
+        have = json.load(open(path))
+        for key, flag in (("shift_factor", "--vae-shift-factor"), ("scaling_factor", "--vae-scaling-factor"),
+                          ("image_size", "--image-size")):
+            if abs(float(have[key]) - float(mine[key])) > 1e-9:
+                raise ValueError(f"latent shards in {folder} were cached with {key}={have[key]}, this run uses "
+                                 f"{mine[key]}; set {flag} {have[key]} or re-run tools/cache_latents.py")

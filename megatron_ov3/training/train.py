@@ -17,6 +17,7 @@ from .. import parallel
 from ..parallel.sequence_parallel import install_grad_hooks
 from ..cli import UsageError
 from ..data import DataConfig, DataIterator
+from ..data.latent_cache import check_latent_normalisation
 from ..data.mock import MockData
 from ..data.tokenizer import Tokenizer
 from ..models import FrozenVAE, LayerImplConfig, VAEDecodeConfig, LOSS_NAMES, build_model, get_config
@@ -140,6 +141,8 @@ def run(args) -> int:
     vae = FrozenVAE.tiny(**vae_kw) if args.tiny_vae else FrozenVAE.from_pretrained(args.vae_path, **vae_kw)
     vae.configure_decode(VAEDecodeConfig(channels_last=args.vae_channels_last, autocast_bf16=args.vae_autocast_bf16,
                                          compile=args.vae_decode_compile, checkpoint=args.vae_decode_checkpoint))
+    if args.data_path:
+        check_latent_normalisation(args.data_path, vae, args.image_size)
     model = build_model(cfg, impl, vae=vae)
     model.to_frozen(device)
     if args.sequence_parallel:  # around the model: TP all-reduce of the sequence-sharded parameters' gradients

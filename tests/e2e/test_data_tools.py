@@ -91,7 +91,18 @@ def test_synthetic_tokenizer_cache_bench(tmp_path):
     rc, out, err = tool("cache_latents.py", "--data-path", spec, "--output-dir", tmp_path / "lat",
                         "--image-size", 32, "--tiny-vae", "--rank", 1, "--world-size", 2)
     assert rc == 0, err
-    assert sorted(os.listdir(tmp_path / "lat")) == ["synthetic-00001.tar", "synthetic-00003.tar"]
+    assert sorted(os.listdir(tmp_path / "lat")) == ["latent_cache.json", "synthetic-00001.tar", "synthetic-00003.tar"]
+    # one folder, one latent normalisation; training refuses latents of another one
+    rc, out, err = tool("cache_latents.py", "--data-path", spec, "--output-dir", tmp_path / "lat",
+                        "--image-size", 32, "--tiny-vae", "--vae-shift-factor", 0)
+    assert_usage_error(rc, err, "already holds latents made with")
+    from megatron_ov3.data.latent_cache import check_latent_normalisation
+    from megatron_ov3.models import FrozenVAE
+
+    lat = str(tmp_path / "lat" / "synthetic-{00001,00003}.tar")
+    check_latent_normalisation(lat, FrozenVAE.tiny(), 32)
+    with pytest.raises(ValueError, match="set --vae-shift-factor 0.1159"):
+        check_latent_normalisation(lat, FrozenVAE.tiny(shift_factor=0.0), 32)
     rc, out, err = tool("bench_data.py", "--image-shards", spec, "--tokenizer", tmp_path / "tok.model",
                         "--image-size", 32, "--micro-batch-size", 4, "--batches", 3, "--num-workers", 1, "--json")
     assert rc == 0, err
