@@ -3,7 +3,7 @@
 megatron-core local-spec encoder and the matmul peak, all in the same run (megatron_ov3/perf/benchmark.py).
 
   python tools/benchmark.py --model-size H --image-size 256 --micro-batch-size 64 --json bench.json
-  torchrun --nproc-per-node 2 tools/benchmark.py --model-size g --tensor-model-parallel-size 2 ...
+  deepspeed --num_gpus 2 tools/benchmark.py --model-size g --tensor-model-parallel-size 2 ...   (or torchrun)
   python tools/benchmark.py --model-size tiny --image-size 64 --micro-batch-size 4 --tiny-vae   # CPU
 
 Prints step time, images/s, TFLOP/s, MFU (every part's FLOPs, VAE included), peak memory, the fast step's
@@ -45,6 +45,7 @@ def main(argv=None):
     p.add_argument("--peak-tflops", type=float, default=None, help="vendor peak for a second MFU (H100: 989)")
     p.add_argument("--find-max-micro-batch", action="store_true", help="CUDA only")
     p.add_argument("--json", default=None, help="write the full report here")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the DeepSpeed launcher")
     args = p.parse_args(argv)
     if args.image_size % 16 or args.image_size <= 0:
         raise UsageError(f"--image-size {args.image_size} is not a positive multiple of 16")
@@ -81,6 +82,8 @@ def main(argv=None):
     rep = run_benchmark(bc)
     rep["layout"] = {"tensor_parallel": args.tensor_model_parallel_size,
                      "data_parallel": world // args.tensor_model_parallel_size}
+    rep["note"] = ("images/s and TFLOP/s are per model replica (TP devices); MFU is per device; multiply images/s "
+                   "by data_parallel for the whole job")
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_rank() == 0:

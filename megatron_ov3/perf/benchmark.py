@@ -434,13 +434,21 @@ class Bench:
         return self.report()
 
     def report(self) -> dict:
+        """Results, ratios and MFU. Under tensor parallelism the OV3/encoder variants run on TP devices per model
+        replica (their TFLOP/s are per replica, their MFU per device); the bare ViT always runs on one device,
+        so the encoder-vs-bare ratios are like for like only at TP 1."""
+        from megatron.core import parallel_state as ps
+
+        tp = ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
         r = self.results
         peak = r["matmul"]["tflops"]
         for name, v in r.items():
             if isinstance(v, dict) and "tflops_per_s" in v:
-                v["mfu_vs_matmul"] = v["tflops_per_s"] / peak
+                devices = 1 if name.startswith("bare_vit") else tp
+                v["devices"] = devices
+                v["mfu_vs_matmul"] = v["tflops_per_s"] / (peak * devices)
                 if self.bc.peak_tflops:
-                    v["mfu_vs_spec"] = v["tflops_per_s"] / self.bc.peak_tflops
+                    v["mfu_vs_spec"] = v["tflops_per_s"] / (self.bc.peak_tflops * devices)
         ratios = {}
 
         def ratio(key, a, b):
@@ -463,7 +471,9 @@ class Bench:
 def format_report(rep: dict) -> str:
     """Human-readable summary of :meth:`Bench.report`."""
     r, c = rep["results"], rep["config"]
+    lay = rep.get("layout", {})
     lines = [f"OV3-{c['size']} {c['image_size']}px, micro batch {c['micro_batch']}, "
+             f"TP {lay.get('tensor_parallel', 1)} x DP {lay.get('data_parallel', 1)}, "
              f"{'bf16' if c['bf16'] else 'fp32'}, input {c['input']}, on {rep['device']} ({rep['date']})",
              f"matmul peak: {r['matmul']['tflops']:.2f} TFLOP/s ({r['matmul']['dtype']}, n={r['matmul']['n']})",
              f"{'variant':<20}{'step ms':>10}{'img/s':>10}{'TFLOP/s':>10}{'MFU':>8}{'peak MB':>10}"]

@@ -46,3 +46,18 @@ def test_benchmark_usage_errors():
     assert r.returncode == 2 and "multiple of 16" in r.stderr
     r = _bench("--pixel-loss-fraction", 0)
     assert r.returncode == 2 and "(0, 1]" in r.stderr
+
+
+def test_benchmark_tensor_parallel_through_launcher(tmp_path):
+    out = tmp_path / "tp2.json"
+    ds = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    r = subprocess.run([ds, "--num_gpus", "2", "--master_port", "29598", os.path.join(ROOT, "tools", "benchmark.py"),
+                        "--model-size", "tiny", "--image-size", "32", "--micro-batch-size", "4", "--tiny-vae",
+                        "--fp32", "--steps", "1", "--warmup", "1", "--no-bare", "--no-breakdown",
+                        "--tensor-model-parallel-size", "2", "--json", str(out)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.load(open(out))
+    assert rep["layout"] == {"tensor_parallel": 2, "data_parallel": 1}
+    v = rep["results"]["ov3"]
+    assert v["devices"] == 2 and math.isclose(v["mfu_vs_matmul"], v["tflops_per_s"] / (2 * rep["results"]["matmul"]["tflops"]))
