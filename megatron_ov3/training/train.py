@@ -178,8 +178,10 @@ def run(args) -> int:
         iteration, consumed, data_state = _resume(engine, args.load, dp_size, dp_rank, args.zero_stage)
     elif args.finetune_from:
         _restore_weights(engine, args.finetune_from, args.zero_stage, keep_optimizer=args.keep_optimizer)
-        log0(f"stage start from {args.finetune_from} at {args.image_size}px (sincos position embeddings "
-             f"re-evaluated on the new grid; optimizer {'kept' if args.keep_optimizer else 'reset'})")
+        pos = ("sincos position embeddings re-evaluated on the new grid" if cfg.pos_embed_type == "sincos" else
+               f"learned {cfg.pos_embed_ref_grid}x{cfg.pos_embed_ref_grid} position table resized to the new grid")
+        log0(f"stage start from {args.finetune_from} at {args.image_size}px ({pos}; optimizer "
+             f"{'kept' if args.keep_optimizer else 'reset'})")
 
     if args.mock_data:
         data = MockData(args.image_size, cfg.vocab_size, plan.micro_batch_size, plan.grad_accum, dp_rank, dp_size,
