@@ -38,7 +38,6 @@ def main(argv=None):
                    help="data/VAE flags passed to every run (cluster: '--data-path ... --tokenizer ... --vae-path ...')")
     m.add_argument("--hostfile", default=None, help="DeepSpeed hostfile for multi-node runs")
     m.add_argument("--master-port", type=int, default=29650)
-    m.add_argument("--fp32", action="store_true", help="predict fp32 model states (runs without --bf16)")
     args = p.parse_args(argv)
     from megatron_ov3.scaling.planner import Hardware, plan
     from megatron_ov3.scaling.report import plot_plan, table
@@ -89,6 +88,9 @@ def _measure(args, hw):
         try:
             spec = RunSpec.parse(text)
             spec.layout(args.global_batch_size)
+            if args.hostfile and spec.processes > hw.gpus_per_node and spec.processes % hw.gpus_per_node:
+                raise ValueError(f"{text}: with --hostfile the process count must be at most, or a multiple of, "
+                                 f"the profile's {hw.gpus_per_node} GPUs per node")
         except ValueError as e:
             raise UsageError(str(e))
         specs.append(spec)
@@ -101,8 +103,9 @@ def _measure(args, hw):
                             iters=args.measure_iters, out_dir=out, port=args.master_port + i,
                             train_flags=shlex.split(args.train_flags), hostfile=args.hostfile,
                             gpus_per_node=hw.gpus_per_node)
+        flags = shlex.split(args.train_flags)  # the prediction assumes what the runs do
         pred = predicted(spec, size=size, image_size=args.image_size, global_batch=args.global_batch_size, hw=hw,
-                         bf16=not args.fp32, vae="tiny" if "--tiny-vae" in args.train_flags else "flux")
+                         bf16="--bf16" in flags, vae="tiny" if "--tiny-vae" in flags else "flux")
         rows.append({"name": spec.name, "measured": meas, "predicted": pred})
     print(measure_table(rows))
     with open(os.path.join(out, "measured.json"), "w") as f:

@@ -70,7 +70,7 @@ def resize_table(table, grid):
     if g == grid:
         return table
     img = table.float().reshape(1, g, g, -1).permute(0, 3, 1, 2)
-    img = F.interpolate(img, size=(grid, grid), mode="bicubic", align_corners=False, antialias=grid < g)
+    img = F.interpolate(img, size=(grid, grid), mode="bicubic", align_corners=False, antialias=True)
     return img.permute(0, 2, 3, 1).reshape(grid * grid, -1).to(table.dtype)
 
 

@@ -27,8 +27,8 @@ def sincos_2d(width: int, grid: int, ref_grid: int, temperature: float = 10000.0
 
 
 def resize_table(table: torch.Tensor, grid: int) -> torch.Tensor:
-    """(g*g, W) row-major table -> (grid*grid, W): identity at the same grid, else bicubic (antialiased when
-    shrinking), ``align_corners=False``, computed in float32 - what open_clip does when it resizes a
+    """(g*g, W) row-major table -> (grid*grid, W): identity at the same grid, else bicubic with antialiasing and
+    ``align_corners=False``, computed in float32 - what open_clip's ``resize_pos_embed`` does when it resizes a
     checkpoint's ``positional_embedding`` to a new image size."""
     g = int(round(table.shape[0] ** 0.5))
     if g * g != table.shape[0]:
@@ -36,5 +36,5 @@ def resize_table(table: torch.Tensor, grid: int) -> torch.Tensor:
     if g == grid:
         return table
     img = table.float().reshape(1, g, g, -1).permute(0, 3, 1, 2)
-    img = F.interpolate(img, size=(grid, grid), mode="bicubic", align_corners=False, antialias=grid < g)
+    img = F.interpolate(img, size=(grid, grid), mode="bicubic", align_corners=False, antialias=True)
     return img.permute(0, 2, 3, 1).reshape(grid * grid, -1).to(table.dtype)

@@ -251,7 +251,7 @@ class Bench:
 
     def fast_step(self):
         bc, dev = self.bc, self.device
-        vae = self.vae.configure_decode(bc.vae_decode)
+        vae = copy.deepcopy(self.vae).configure_decode(bc.vae_decode)  # self.vae stays plain for the baselines
         model = self._model(self.cfg, self._impl(), vae)
         batch = {k: v for k, v in self.batch.items() if not (bc.input == "latents" and k == "images")}
         if bc.input == "images":
@@ -265,8 +265,7 @@ class Bench:
             self.results["ov3"]["parts"] = self._parts(model, opt, batch)
             parts = self.results["ov3"]["parts"]
             parts["unaccounted_s"] = t["mean_s"] - sum(v for k, v in parts.items() if k.endswith("_s"))
-        self.vae.configure_decode(VAEDecodeConfig())
-        del model, opt
+        del model, opt, vae
 
     def naive_step(self):
         bc, dev = self.bc, self.device
@@ -341,7 +340,7 @@ class Bench:
         if bc.input == "images":
             def vae_encode():
                 with ac():
-                    self.vae.encode(images)
+                    model.vae.encode(images)
             part("vae_encode", vae_encode)
         with torch.no_grad():
             tokens = model.encoder(z).tokens.detach()
@@ -358,11 +357,11 @@ class Bench:
         zk = z_hat[:k].clone().requires_grad_(True)
 
         def vae_decode():  # the VAE's own decode options (autocast, channels-last, compile) apply inside
-            self.vae.decode(zk).mean().backward()
+            model.vae.decode(zk).mean().backward()
 
         def vae_decode_target():
             with torch.no_grad():
-                self.vae.decode(z[:k])
+                model.vae.decode(z[:k])
 
         def text():
             model.text(batch["text_ids"]).float().mean().backward()
@@ -385,18 +384,24 @@ class Bench:
     # ---------------------------------------------------------------- largest micro batch
     def max_micro_batch(self, recompute: Optional[str], limit: int = 4096) -> Optional[int]:
         """Largest micro batch whose fast step runs without CUDA OOM (doubling, then bisection)."""
+        import torch.distributed as dist
+
         if self.device.type != "cuda":
             return None
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            raise ValueError("--find-max-micro-batch runs in one process (an OOM on one rank would leave the others "
+                             "waiting in a collective); run it without the launcher")
         bc, dev = self.bc, self.device
+        vae = copy.deepcopy(self.vae).configure_decode(bc.vae_decode)
 
         def fits(b):
             model = opt = None
             try:
-                model = self._model(self.cfg, self._impl(recompute_granularity=recompute), self.vae)
+                model = self._model(self.cfg, self._impl(recompute_granularity=recompute), vae)
                 opt = _optimizer(model.parameters(), dev, fused=True)
                 batch = synthetic_batch(self.cfg, b, bc.image_size, dev, bc.seed)
                 with _autocast(dev, bc.bf16):
-                    batch["latents"] = self.vae.encode(batch.pop("images")).float()
+                    batch["latents"] = vae.encode(batch.pop("images")).float()
                 _train_step(model, opt, batch)()
                 _sync(dev)
                 return True

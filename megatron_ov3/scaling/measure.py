@@ -14,6 +14,7 @@ import math
 import os
 import re
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -77,30 +78,37 @@ def calibrate(hw: Hardware, bench: dict) -> Hardware:
     from ..training.flops import model_flops_per_sample
 
     res, cfg = bench["results"], bench["config"]
+    tp = bench.get("layout", {}).get("tensor_parallel", 1)
     peak = res["matmul"]["tflops"]
+    replica_peak = peak * tp  # the OV3/encoder variants' TFLOP/s are per model replica (TP devices)
     changes = {"name": f"{bench.get('device', hw.name)} (calibrated)", "peak_tflops_bf16": peak,
                "devices_share_peak": str(bench.get("device", "")).startswith("CPU")}
     c = get_config(cfg["size"], image_size=cfg["image_size"])
-    tokens = c.grid_size ** 2 * cfg["micro_batch"] / bench.get("layout", {}).get("tensor_parallel", 1)
+    tokens = c.grid_size ** 2 * cfg["micro_batch"] / tp
     falloff = min(1.0, (tokens / hw.saturation_tokens) ** 0.5)
     parts = res.get("ov3", {}).get("parts", {})
     towers = ("encoder", "decoder", "text", "caption")
     if all(f"{t}_s" in parts for t in towers):
         flops = sum(model_flops_per_sample(c, cfg["image_size"]).values()) * cfg["micro_batch"]
         tflops = flops / sum(parts[f"{t}_s"] for t in towers) / 1e12
-        changes["efficiency"] = tflops / peak / falloff
+        changes["efficiency"] = tflops / replica_peak / falloff
     elif "encoder" in res:
-        changes["efficiency"] = res["encoder"]["tflops_per_s"] / peak / falloff
+        changes["efficiency"] = res["encoder"]["tflops_per_s"] / replica_peak / falloff
+    if "efficiency" in changes:
+        changes["efficiency"] = min(1.0, changes["efficiency"])
     flops = res.get("ov3", {}).get("flops_per_image", {})
     if parts.get("vae_decode_s") and flops.get("vae_decode"):
         vae_tflops = flops["vae_decode"] * cfg["micro_batch"] / parts["vae_decode_s"] / 1e12
-        changes["vae_tflops_fraction"] = vae_tflops / peak
+        changes["vae_tflops_fraction"] = min(1.0, vae_tflops / peak)  # every TP rank decodes the whole batch
     return dataclasses.replace(hw, **changes)
 
 
 def _launcher_cmd(spec: RunSpec, port: int, hostfile: Optional[str], gpus_per_node: int) -> List[str]:
     ds = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     if hostfile:
+        if spec.processes > gpus_per_node and spec.processes % gpus_per_node:
+            raise ValueError(f"{spec.name}: with --hostfile the process count must be at most, or a multiple of, "
+                             f"the {gpus_per_node} GPUs per node")
         nodes = math.ceil(spec.processes / gpus_per_node)
         where = ["--hostfile", hostfile, "--num_nodes", str(nodes), "--num_gpus", str(min(spec.processes, gpus_per_node))]
     else:
@@ -124,10 +132,18 @@ def run_measured(spec: RunSpec, *, size: str, image_size: int, global_batch: int
         "--zero-stage", str(spec.zero), "--metrics-file", metrics, *train_flags]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                             "MASTER_PORT")}
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if r.returncode != 0 or not os.path.exists(metrics):
-        tail = (r.stderr or r.stdout)[-1500:]
-        raise RuntimeError(f"measured run {spec.name} failed (exit {r.returncode}): {tail}")
+    # own process group: on a timeout the launcher *and* the ranks it started are killed (the port is freed)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise RuntimeError(f"measured run {spec.name} did not finish in {timeout}s; killed") from None
+    if proc.returncode != 0 or not os.path.exists(metrics):
+        tail = (stderr or stdout)[-1500:]
+        raise RuntimeError(f"measured run {spec.name} failed (exit {proc.returncode}): {tail}")
     rows = [json.loads(line) for line in open(metrics)][warmup:]
     if not rows:
         raise RuntimeError(f"measured run {spec.name} logged no iteration after the {warmup} warm-up ones")

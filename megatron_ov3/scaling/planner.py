@@ -166,9 +166,10 @@ def estimate(cfg: OV3Config, image_size: int, global_batch: int, world: int, lay
     eff = hw.efficiency * min(1.0, (tokens / hw.saturation_tokens) ** 0.5)
     share = min(world, hw.gpus_per_node) if hw.devices_share_peak else 1
     t_compute = transformer * recompute_factor * share / (peak * eff) + hw.microbatch_overhead_s * lay.grad_accum
-    # the frozen VAE (encode + decode with grad), data-parallel over all ranks of a pipeline stage
-    vae_flops = _vae_flops_per_image(image_size, vae) * global_batch / (lay.dp * lay.tp)
-    t_vae = vae_flops * share / (hw.peak_tflops_bf16 * 1e12 * hw.vae_tflops_fraction) / max(1, lay.pp)
+    # the frozen VAE (encode + decode with grad) of the replica's whole batch: it is not split by tensor
+    # parallelism (every TP rank runs it on the full micro-batch) and under pipelining the last stage does it all
+    vae_flops = _vae_flops_per_image(image_size, vae) * global_batch / lay.dp
+    t_vae = vae_flops * share / (hw.peak_tflops_bf16 * 1e12 * hw.vae_tflops_fraction)
     # tensor-parallel all-reduces: 4 per layer per micro-batch (2 fwd, 2 bwd), ring over NVLink
     n_tok = (image_size // cfg.pixels_per_token) ** 2
     act = n_tok * lay.micro_batch * cfg.encoder.width * 2

@@ -163,13 +163,19 @@ def run(args) -> int:
         "train_batch_size": plan.global_batch_size,
         "gradient_clipping": args.clip_grad,
         "zero_optimization": {"stage": args.zero_stage,
+                              # not under pipelining: megatron's schedule runs backward outside the engine,
+                              # so DeepSpeed's reduce hooks would fire on every micro-batch
                               **({"overlap_comm": True, "contiguous_gradients": True}
-                                 if args.overlap_grad_reduce and args.zero_stage in (1, 2) else {})},
+                                 if args.overlap_grad_reduce and args.zero_stage in (1, 2) and not pipelined
+                                 else {})},
         "bf16": {"enabled": bool(args.bf16)},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+    if args.overlap_grad_reduce and pipelined:
+        log0("note: --overlap-grad-reduce is ignored under pipeline parallelism (gradients are reduced once, "
+             "after the 1F1B schedule)")
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_config,
                                            mpu=MegatronMPU())
 
@@ -212,6 +218,7 @@ def run(args) -> int:
     samples_since_log = 0
     engine.train()
     stop_reason = None
+    latent_input = False  # latent shards (no VAE encode in the step): known from the first batch
     while iteration < total_iters:
         if pipelined:
             outs, finite = _pipeline_step(engine, data, device, plan)
@@ -231,6 +238,7 @@ def run(args) -> int:
         done = 0
         while not pipelined and done < plan.grad_accum:
             batch = {k: v.to(device, non_blocking=True) for k, v in next(data).items()}
+            latent_input = "images" not in batch
             out = engine(batch)
             loss = out["total_loss"]
             finite = torch.tensor([1.0 if torch.isfinite(loss).item() else 0.0], device=device)
@@ -260,7 +268,7 @@ def run(args) -> int:
 
         if iteration % args.log_interval == 0 or iteration == total_iters:
             if flops is None:
-                flops = step_flops_per_sample(cfg, args.image_size, vae)
+                flops = step_flops_per_sample(cfg, args.image_size, vae, encode_in_step=not latent_input)
             vec = torch.tensor([sums.get(k, 0.0) for k in sorted(sums)] + [float(n_logged)], device=device,
                                dtype=torch.float64)
             dist.all_reduce(vec, group=ps.get_data_parallel_group())

@@ -23,7 +23,7 @@ def test_measured_runs_next_to_calibrated_prediction(tmp_path):
               "--fp32", "--steps", 3, "--warmup", 2, "--no-naive", "--no-bare", "--json", bench)
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "study"
-    r = _tool("scaling_study.py", "--model-size", "tiny", "--image-size", 32, "--global-batch-size", 8, "--fp32",
+    r = _tool("scaling_study.py", "--model-size", "tiny", "--image-size", 32, "--global-batch-size", 8,
               "--measure", 1, 2, 4, "--measure-iters", 2, "--calibrate", bench, "--master-port", 29650,
               "--output", out)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
