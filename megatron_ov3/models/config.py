@@ -89,7 +89,8 @@ class OV3Config:
     """Token grid at which the fixed sincos-2d position embedding uses integer positions. Other grids sample
     the same continuous embedding at scaled positions, so 128px (8x8) and 256px (16x16) cover the same
     spatial extent and any resolution in between works without re-learning. With ``pos_embed_type``
-    'learned' it is the grid of the learned table (other grids resize it bicubically, as open_clip does)."""
+    'learned' it is the grid of the learned table (other grids resize it bicubically, as open_clip does).
+    The reconstruction decoder's fixed sincos embedding uses the same reference grid."""
     pos_embed_type: str = "sincos"
     """Encoder position embedding: 'sincos' (fixed, resolution-agnostic; default) or 'learned' (a trainable
     ``pos_embed_ref_grid``^2 x width table initialised to the sincos table, plus a learned class-token
