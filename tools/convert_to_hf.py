@@ -27,10 +27,9 @@ def main(argv=None):
 
     if args.import_open_clip:
         out = convert.import_open_clip(args.import_open_clip, args.output, args.model_size)
-        import json
-        import os
+        from megatron_ov3.training.universal import read_meta
 
-        mc = json.load(open(os.path.join(out, "meta.json")))["model_config"]
+        mc = read_meta(out)["model_config"]
         flags = "--class-token"
         if mc["pos_embed_type"] == "learned":
             flags += f" --position-embedding-type learned --pos-embed-ref-grid {mc['pos_embed_ref_grid']}"

@@ -88,9 +88,8 @@ def _measure(args, hw):
         try:
             spec = RunSpec.parse(text)
             spec.layout(args.global_batch_size)
-            if args.hostfile and spec.processes > hw.gpus_per_node and spec.processes % hw.gpus_per_node:
-                raise ValueError(f"{text}: with --hostfile the process count must be at most, or a multiple of, "
-                                 f"the profile's {hw.gpus_per_node} GPUs per node")
+            if args.hostfile:
+                spec.check_nodes(hw.gpus_per_node)
         except ValueError as e:
             raise UsageError(str(e))
         specs.append(spec)

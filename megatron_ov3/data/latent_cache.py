@@ -77,7 +77,6 @@ def cache_latents(data_path: str, out_dir: str, vae, image_size: int, batch_size
     return dict(stats)
 
 
-
 MANIFEST = "latent_cache.json"
 
 
@@ -86,12 +85,21 @@ def _manifest(vae, image_size: int) -> dict:
             "shift_factor": float(vae.shift_factor)}
 
 
+_FLAGS = (("shift_factor", "--vae-shift-factor"), ("scaling_factor", "--vae-scaling-factor"),
+          ("image_size", "--image-size"))
+
+
+def _difference(have: dict, mine: dict):
+    """(key, flag) of the first manifest entry that differs, or None."""
+    return next(((k, f) for k, f in _FLAGS if abs(float(have[k]) - float(mine[k])) > 1e-9), None)
+
+
 def _record_normalisation(out_dir: str, vae, image_size: int) -> None:
     path = os.path.join(out_dir, MANIFEST)
     mine = _manifest(vae, image_size)
     if os.path.isfile(path):
         have = json.load(open(path))
-        if have != mine:
+        if _difference(have, mine):
             raise ValueError(f"{out_dir!r} already holds latents made with {have}, this run would add {mine}; "
                              f"use another --output-dir")
         return
@@ -110,8 +118,8 @@ def check_latent_normalisation(data_path: str, vae, image_size: int) -> None:
         if not os.path.isfile(path):
             continue
         have = json.load(open(path))
-        for key, flag in (("shift_factor", "--vae-shift-factor"), ("scaling_factor", "--vae-scaling-factor"),
-                          ("image_size", "--image-size")):
-            if abs(float(have[key]) - float(mine[key])) > 1e-9:
-                raise ValueError(f"latent shards in {folder} were cached with {key}={have[key]}, this run uses "
-                                 f"{mine[key]}; set {flag} {have[key]} or re-run tools/cache_latents.py")
+        diff = _difference(have, mine)
+        if diff:
+            key, flag = diff
+            raise ValueError(f"latent shards in {folder} were cached with {key}={have[key]}, this run uses "
+                             f"{mine[key]}; set {flag} {have[key]} or re-run tools/cache_latents.py")

@@ -59,6 +59,12 @@ class RunSpec:
             raise ValueError(f"micro batch {mb} does not divide the per-rank batch {global_batch // dp} ({self.name})")
         return Layout(self.tp, self.pp, dp, self.zero, mb, "none", global_batch // (dp * mb))
 
+    def check_nodes(self, gpus_per_node: int) -> None:
+        """Across nodes (a hostfile) the launcher starts whole nodes: the count must fit that."""
+        if self.processes > gpus_per_node and self.processes % gpus_per_node:
+            raise ValueError(f"{self.name}: with --hostfile the process count must be at most, or a multiple of, "
+                             f"the {gpus_per_node} GPUs per node")
+
     @property
     def name(self) -> str:
         return f"{self.processes}p TP{self.tp} PP{self.pp} ZeRO-{self.zero}"
@@ -106,9 +112,7 @@ def calibrate(hw: Hardware, bench: dict) -> Hardware:
 def _launcher_cmd(spec: RunSpec, port: int, hostfile: Optional[str], gpus_per_node: int) -> List[str]:
     ds = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     if hostfile:
-        if spec.processes > gpus_per_node and spec.processes % gpus_per_node:
-            raise ValueError(f"{spec.name}: with --hostfile the process count must be at most, or a multiple of, "
-                             f"the {gpus_per_node} GPUs per node")
+        spec.check_nodes(gpus_per_node)
         nodes = math.ceil(spec.processes / gpus_per_node)
         where = ["--hostfile", hostfile, "--num_nodes", str(nodes), "--num_gpus", str(min(spec.processes, gpus_per_node))]
     else:

@@ -71,10 +71,7 @@ _INIT_FIELDS = {"pos_embed_type": "--position-embedding-type", "pos_embed_ref_gr
 
 def check_init_compatible(cfg, directory: str) -> None:
     """``--init-universal`` needs the encoder options the checkpoint was made with; say which flag differs."""
-    meta_path = os.path.join(directory, "meta.json")
-    if not os.path.isfile(meta_path):
-        raise UsageError(f"--init-universal {directory!r} is not a universal checkpoint (no meta.json)")
-    saved = json.load(open(meta_path)).get("model_config", {})
+    saved = universal.read_meta(directory).get("model_config", {})
     mine = cfg.to_dict()
     for field, flag in _INIT_FIELDS.items():
         if field in saved and saved[field] != mine[field]:

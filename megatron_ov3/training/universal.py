@@ -154,13 +154,18 @@ def save_universal(engine, directory: str, meta: dict) -> None:
     dist.barrier()
 
 
+def read_meta(directory: str) -> dict:
+    """``meta.json`` of a universal checkpoint directory (layout, iteration, model config)."""
+    if not os.path.isfile(os.path.join(directory, "meta.json")):
+        raise FileNotFoundError(f"{directory!r} is not a universal checkpoint (no meta.json)")
+    return json.load(open(os.path.join(directory, "meta.json")))
+
+
 def read_universal(directory: str) -> tuple:
     """(meta, {key: safetensors handle}) of a universal checkpoint directory (``.../universal``)."""
     from safetensors import safe_open
 
-    if not os.path.isfile(os.path.join(directory, "meta.json")):
-        raise FileNotFoundError(f"{directory!r} is not a universal checkpoint (no meta.json)")
-    meta = json.load(open(os.path.join(directory, "meta.json")))
+    meta = read_meta(directory)
     handles = {}
     for s in range(int(meta["pipeline_stages"])):
         path = os.path.join(directory, f"stage{s}.safetensors")
