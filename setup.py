@@ -35,5 +35,6 @@ setup(
         "hf": ["transformers>=4.40"],
         "wandb": ["wandb"],
         "te": ["transformer-engine[pytorch]"],
+        "fp8": ["torchao>=0.13"],
     },
 )

@@ -28,7 +28,11 @@ def main(argv=None):
                    help="fast step input: latent cache (no VAE encode) or images")
     p.add_argument("--transformer-impl", default="auto", choices=["auto", "local", "te"])
     p.add_argument("--attention-backend", default="sdpa", choices=["sdpa", "unfused"])
-    p.add_argument("--fp8-format", default=None, choices=["hybrid", "e4m3"])
+    p.add_argument("--fp8-format", default=None, choices=["hybrid", "e4m3"],
+                   help="FP8 fast step (TE with --transformer-impl te, torchao float8 with local); also times it "
+                        "without FP8")
+    p.add_argument("--torch-compile", action="store_true",
+                   help="torch.compile each transformer layer of the fast step; also times it with eager layers")
     p.add_argument("--recompute-granularity", default=None, choices=["full", "selective"])
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
     p.add_argument("--pixel-loss-fraction", type=float, default=1.0)
@@ -74,6 +78,7 @@ def main(argv=None):
     bc = BenchConfig(size=args.model_size, image_size=args.image_size, micro_batch=args.micro_batch_size,
                      steps=args.steps, warmup=args.warmup, bf16=bf16, input=args.input,
                      transformer_impl=args.transformer_impl, attention=args.attention_backend, fp8=args.fp8_format,
+                     compile_layers=args.torch_compile,
                      recompute=args.recompute_granularity, pixel_loss_fraction=args.pixel_loss_fraction,
                      vae_decode=fast, vae_path=args.vae_path, tiny_vae=args.tiny_vae, naive=not args.no_naive,
                      bare=not args.no_bare, bare_compile=on(args.bare_compile), breakdown=not args.no_breakdown,

@@ -221,7 +221,9 @@ class LayerImplConfig:
     bf16: bool = False
     """Run megatron layers in bf16 mode (params_dtype should then be bfloat16)."""
     fp8: Optional[str] = None
-    """FP8 recipe for TE layers: None, 'hybrid' (E4M3 forward, E5M2 backward) or 'e4m3'. Needs backend te."""
+    """FP8 format: None, 'hybrid' (E4M3 forward, E5M2 gradients) or 'e4m3'. With backend te, Transformer
+    Engine's FP8 inside the layers; with backend local, torchao float8 GEMMs applied around the model by
+    :mod:`megatron_ov3.converters`."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism (shards LayerNorm/dropout activations across the TP group)."""
     recompute_granularity: Optional[str] = None
@@ -230,6 +232,8 @@ class LayerImplConfig:
     """With 'full' recomputation: layers per recomputed chunk (uniform method)."""
     init_method_std: float = 0.02
     """Std of the normal init of transformer weights."""
+    compile: bool = False
+    """``torch.compile`` each transformer layer (applied around the model by :mod:`megatron_ov3.converters`)."""
 
     def __post_init__(self):
         from .specs import ATTENTIONS, BACKENDS

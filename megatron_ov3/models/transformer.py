@@ -46,8 +46,6 @@ def transformer_config(
             f"use a pipeline size that divides {tower.depth}"
         )
     backend = resolve_backend(impl.backend)
-    if impl.fp8 and backend != "te":
-        raise ConfigError("--fp8-format needs the Transformer Engine backend (--transformer-impl te)")
     if impl.sequence_parallel and tp == 1:
         raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
     on_cpu = not torch.cuda.is_available()
@@ -85,7 +83,7 @@ def transformer_config(
         kwargs["recompute_granularity"] = impl.recompute_granularity
         if impl.recompute_granularity == "full":
             kwargs.update(recompute_method="uniform", recompute_num_layers=impl.recompute_num_layers)
-    if impl.fp8:
+    if impl.fp8 and backend == "te":  # local backend: torchao float8, applied around the model (converters)
         kwargs.update(fp8=impl.fp8, fp8_recipe="delayed")
     return TransformerConfig(**kwargs)
 

@@ -11,7 +11,9 @@ Variants timed:
 
 * ``ov3``: the configured fast step: latent input (what latent shards give: no VAE encode), fused SDPA or
   Transformer Engine layers, the VAE decode options of :class:`~megatron_ov3.models.vae.VAEDecodeConfig`,
-  fused AdamW on CUDA, optional FP8 and recomputation.
+  fused AdamW on CUDA, optional FP8 (TE, or torchao float8 with the local backend), per-layer
+  ``torch.compile`` and recomputation. With FP8 the same step without FP8 is timed too (``ov3_no_fp8``), and
+  with compiled layers the same step with eager layers (``ov3_eager_layers``).
 * ``naive``: the reference: images in (VAE encode every step), megatron's unfused softmax attention, the VAE
   in bf16 eager, the pixel loss decoding the whole batch, for-loop AdamW.
 * ``encoder``: the encoder alone (fwd + bwd + AdamW of its parameters), as configured, and ``encoder_local``:
@@ -38,6 +40,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from ..converters import apply_converters
 from ..models import FrozenVAE, LayerImplConfig, VAEDecodeConfig, build_model, get_config
 from ..training.flops import _tower_fwd, step_flops_per_sample
 
@@ -65,7 +68,10 @@ class BenchConfig:
     attention: str = "sdpa"
     """Core attention of the local backend in the fast step."""
     fp8: Optional[str] = None
-    """FP8 recipe (hybrid / e4m3) for the fast step; needs Transformer Engine."""
+    """FP8 format (hybrid / e4m3) of the fast step: Transformer Engine's with the te backend, torchao float8
+    with local (emulated on CPU: correct, not faster)."""
+    compile_layers: bool = False
+    """``torch.compile`` each transformer layer of the fast step (and of the configured encoder)."""
     recompute: Optional[str] = None
     """Activation recomputation in the fast step: None, full or selective."""
     pixel_loss_fraction: float = 1.0
@@ -227,17 +233,19 @@ class Bench:
 
     def _impl(self, **kw):
         bc = self.bc
-        base = dict(backend=bc.transformer_impl, attention=bc.attention, fp8=bc.fp8,
+        base = dict(backend=bc.transformer_impl, attention=bc.attention, fp8=bc.fp8, compile=bc.compile_layers,
                     recompute_granularity=bc.recompute, params_dtype=self.dtype, bf16=bc.bf16)
         base.update(kw)
         return LayerImplConfig(**base)
 
     def _baseline_impl(self):
-        """megatron-core's local spec with its unfused softmax attention; no FP8, no recomputation."""
-        return self._impl(backend="local", attention="unfused", fp8=None, recompute_granularity=None)
+        """megatron-core's local spec with its unfused softmax attention; no FP8, no compile, no recomputation."""
+        return self._impl(backend="local", attention="unfused", fp8=None, compile=False, recompute_granularity=None)
 
     def _model(self, cfg, impl, vae):
-        return build_model(cfg, impl, vae=vae).to(self.device, self.dtype)
+        model = build_model(cfg, impl, vae=vae).to(self.device, self.dtype)
+        apply_converters(model, impl, self.device)  # torchao float8 / per-layer compile, as training does
+        return model
 
     def _record(self, name, t, images, flops_per_image, extra=None):
         r = dict(t)
@@ -249,10 +257,11 @@ class Bench:
         self.results[name] = r
         return r
 
-    def fast_step(self):
+    def fast_step(self, name: str = "ov3", breakdown: Optional[bool] = None, **impl_overrides):
         bc, dev = self.bc, self.device
+        breakdown = bc.breakdown if breakdown is None else breakdown
         vae = copy.deepcopy(self.vae).configure_decode(bc.vae_decode)  # self.vae stays plain for the baselines
-        model = self._model(self.cfg, self._impl(), vae)
+        model = self._model(self.cfg, self._impl(**impl_overrides), vae)
         batch = {k: v for k, v in self.batch.items() if not (bc.input == "latents" and k == "images")}
         if bc.input == "images":
             batch.pop("latents")
@@ -260,10 +269,10 @@ class Bench:
         _reset_peak(dev)
         t = timed(_train_step(model, opt, batch), bc.steps, bc.warmup, dev)
         flops = step_flops_per_sample(self.cfg, bc.image_size, vae, encode_in_step=bc.input == "images")
-        self._record("ov3", t, bc.micro_batch, flops["total"], {"flops_per_image": flops})
-        if bc.breakdown:
-            self.results["ov3"]["parts"] = self._parts(model, opt, batch)
-            parts = self.results["ov3"]["parts"]
+        self._record(name, t, bc.micro_batch, flops["total"], {"flops_per_image": flops})
+        if breakdown:
+            self.results[name]["parts"] = self._parts(model, opt, batch)
+            parts = self.results[name]["parts"]
             parts["unaccounted_s"] = t["mean_s"] - sum(v for k, v in parts.items() if k.endswith("_s"))
         del model, opt, vae
 
@@ -425,6 +434,10 @@ class Bench:
         bc, dev = self.bc, self.device
         self.results["matmul"] = matmul_peak_tflops(dev)
         self.fast_step()
+        if bc.fp8:
+            self.fast_step("ov3_no_fp8", breakdown=False, fp8=None)
+        if bc.compile_layers:
+            self.fast_step("ov3_eager_layers", breakdown=False, compile=False)
         if bc.naive:
             self.naive_step()
         if bc.bare:
@@ -461,6 +474,8 @@ class Bench:
                 ratios[key] = r[a]["images_per_s"] / r[b]["images_per_s"]
 
         ratio("ov3_vs_naive", "ov3", "naive")
+        ratio("fp8_vs_no_fp8", "ov3", "ov3_no_fp8")
+        ratio("compiled_vs_eager_layers", "ov3", "ov3_eager_layers")
         ratio("encoder_vs_bare_vit", "encoder", "bare_vit")
         ratio("encoder_vs_bare_vit_compiled", "encoder", "bare_vit_compiled")
         ratio("encoder_vs_megatron_local", "encoder", "encoder_local")

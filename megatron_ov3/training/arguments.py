@@ -78,7 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--zero-stage", type=int, default=1, choices=[0, 1, 2, 3])
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--fp8-format", default=None, choices=["hybrid", "e4m3"],
-                   help="FP8 via Transformer Engine (ignored with a warning when TE is absent)")
+                   help="FP8 GEMMs in the transformer layers: Transformer Engine's with --transformer-impl te, "
+                        "torchao float8 with local (emulated on CPU)")
+    g.add_argument("--torch-compile", action="store_true",
+                   help="torch.compile each transformer layer (in place; checkpoints unchanged)")
     g.add_argument("--overlap-grad-reduce", action="store_true",
                    help="overlap ZeRO-1/2 gradient reduction with backward (DeepSpeed overlap_comm)")
     g.add_argument("--sequence-parallel", action="store_true",

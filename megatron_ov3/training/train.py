@@ -21,7 +21,8 @@ from ..data.latent_cache import check_latent_normalisation
 from ..data.mock import MockData
 from ..data.tokenizer import Tokenizer
 from ..models import FrozenVAE, LayerImplConfig, VAEDecodeConfig, LOSS_NAMES, build_model, get_config
-from ..models.specs import te_available
+from ..models.specs import resolve_backend
+from ..converters import apply_converters
 from . import checkpoint as ckpt
 from . import universal
 from .arguments import batch_plan, validate
@@ -117,9 +118,6 @@ def run(args) -> int:
 
     vocab = Tokenizer(args.tokenizer).vocab_size if args.tokenizer else get_config(args.model_size).vocab_size
     fp8 = args.fp8_format
-    if fp8 and not te_available():
-        log0(f"warning: --fp8-format {fp8} ignored: Transformer Engine is not installed")
-        fp8 = None
     cfg = get_config(
         args.model_size, image_size=args.image_size, class_token=args.class_token,
         register_tokens=args.register_tokens, decoder_noise_tau=args.decoder_noise_tau,
@@ -133,6 +131,7 @@ def run(args) -> int:
         backend=args.transformer_impl, attention=args.attention_backend,
         params_dtype=torch.bfloat16 if args.bf16 else torch.float32, bf16=args.bf16, fp8=fp8,
         recompute_granularity=args.recompute_granularity, sequence_parallel=args.sequence_parallel,
+        compile=args.torch_compile,
     )
     vae_kw = dict(scaling_factor=args.vae_scaling_factor, shift_factor=args.vae_shift_factor)
     vae = FrozenVAE.tiny(**vae_kw) if args.tiny_vae else FrozenVAE.from_pretrained(args.vae_path, **vae_kw)
@@ -142,6 +141,8 @@ def run(args) -> int:
         check_latent_normalisation(args.data_path, vae, args.image_size)
     model = build_model(cfg, impl, vae=vae)
     model.to_frozen(device)
+    for line in apply_converters(model, impl, device):  # around the model: torchao float8, torch.compile
+        log0(line)
     if args.sequence_parallel:  # around the model: TP all-reduce of the sequence-sharded parameters' gradients
         log0(f"sequence parallelism: {install_grad_hooks(model)} parameters get a TP gradient all-reduce")
     if args.init_universal:  # into the bare model, before ZeRO partitions anything (works for every stage)
@@ -207,7 +208,8 @@ def run(args) -> int:
          f"TP {args.tensor_model_parallel_size} x PP {args.pipeline_model_parallel_size} x DP {dp_size} | "
          f"micro {plan.micro_batch_size} x accum {plan.grad_accum} x DP {dp_size} = global "
          f"{plan.global_batch_size} | ZeRO-{args.zero_stage} | {'bf16' if args.bf16 else 'fp32'}"
-         f"{' fp8-' + fp8 if fp8 else ''} | layers: {impl.backend}/{impl.attention} | {total_iters} iterations")
+         f"{' fp8-' + fp8 if fp8 else ''} | layers: {resolve_backend(impl.backend)}/{impl.attention}"
+         f"{' compiled' if impl.compile else ''} | {total_iters} iterations")
 
     sums: Dict[str, float] = {}
     n_logged, skipped_total, bad_streak = 0, 0, 0

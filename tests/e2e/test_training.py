@@ -156,20 +156,43 @@ def test_huge_recipe_starts_through_launcher(tmp_path, how):
     assert "Pre-train an OpenVision 3 encoder" in r.stdout and "parallelism and precision:" in r.stdout
 
 
-def test_bf16_step_tracks_fp32(tmp_path):
+def _mock_run(tmp_path, name, *flags, nproc=1, port=0):
+    """2 iterations of the tiny model on --mock-data (the same samples under any layout); (metrics, stdout)."""
+    out = tmp_path / f"{name}.jsonl"
+    launcher = ([DS, "--num_gpus", str(nproc), "--master_port", str(port), "--module"] if nproc > 1
+                else [sys.executable, "-m"])
+    r = subprocess.run(launcher + ["megatron_ov3.pretrain", "--mock-data", "--tiny-vae", "--image-size", "32",
+                                   "--micro-batch-size", "4", "--global-batch-size", "4", "--train-iters", "2",
+                                   "--log-interval", "1", "--metrics-file", str(out), *map(str, flags)],
+                       cwd=ROOT, env=subprocess_env(ROOT), capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return metrics(out), r.stdout
+
+
+def _assert_close(got, ref, rel):
+    for k in ("total_loss", "contrastive_loss", "caption_loss", "latent_l1", "pixel_l1"):
+        assert abs(got[0][k] - ref[0][k]) <= rel * abs(ref[0][k]) + 1e-3, (k, got[0][k], ref[0][k])
+    assert all(m["grad_norm"] > 0 for m in got)
+
+
+@pytest.fixture(scope="module")
+def fp32_reference(tmp_path_factory):
+    return _mock_run(tmp_path_factory.mktemp("fp32"), "fp32")[0]
+
+
+def test_bf16_step_tracks_fp32(tmp_path, fp32_reference):
     """The recipe's precision (--bf16: bf16 megatron layers under DeepSpeed's bf16 engine with fp32 masters, the
     VAE decode under bf16 autocast) runs on CPU and its first losses stay close to the fp32 run's."""
-    def run(name, *flags):
-        out = tmp_path / f"{name}.jsonl"
-        r = subprocess.run([sys.executable, "-m", "megatron_ov3.pretrain", "--mock-data", "--tiny-vae",
-                            "--image-size", "32", "--micro-batch-size", "4", "--global-batch-size", "4",
-                            "--train-iters", "2", "--log-interval", "1", "--metrics-file", str(out), *flags],
-                           cwd=ROOT, env=subprocess_env(ROOT), capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr[-3000:]
-        return metrics(out)
+    bf16, _ = _mock_run(tmp_path, "bf16", "--bf16", "--vae-autocast-bf16", "--vae-channels-last")
+    _assert_close(bf16, fp32_reference, 0.02)
 
-    fp32 = run("fp32")
-    bf16 = run("bf16", "--bf16", "--vae-autocast-bf16", "--vae-channels-last")
-    for k in ("total_loss", "contrastive_loss", "caption_loss", "latent_l1", "pixel_l1"):
-        assert abs(bf16[0][k] - fp32[0][k]) <= 0.02 * abs(fp32[0][k]) + 1e-3, (k, bf16[0][k], fp32[0][k])
-    assert all(m["grad_norm"] > 0 for m in bf16)
+
+def test_torchao_fp8_compiled_tp2_sp_tracks_fp32(tmp_path, fp32_reference):
+    """--fp8-format with the local backend (torchao float8, emulated on CPU) and --torch-compile, under TP2 with
+    sequence parallelism through the launcher: both converters are applied and the first losses stay within
+    FP8's error of the one-process fp32 run."""
+    got, out = _mock_run(tmp_path, "fp8", "--transformer-impl", "local", "--fp8-format", "hybrid", "--torch-compile",
+                         "--tensor-model-parallel-size", 2, "--sequence-parallel", nproc=2, port=29628)
+    assert "fp8-hybrid (torchao float8, emulated on CPU): 28 linears" in out, out[-2000:]
+    assert "torch.compile: 7 transformer layers" in out and "layers: local/sdpa compiled" in out
+    _assert_close(got, fp32_reference, 0.05)

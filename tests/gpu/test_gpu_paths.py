@@ -10,10 +10,12 @@ from megatron_ov3.models import FrozenVAE, LayerImplConfig, VAEDecodeConfig, bui
 pytestmark = pytest.mark.gpu
 
 
-def _step(impl, dtype):
+def _step(impl, dtype, convert=None):
     cfg = get_config("tiny", image_size=64)
     model = build_model(cfg, impl, vae=FrozenVAE.tiny()).cuda().to(dtype)
     model.to_frozen("cuda")
+    if convert is not None:
+        assert convert(model)
     batch = {k: v.cuda() for k, v in random_batch(b=16, image_size=64, vocab=cfg.vocab_size).items()}
     out = model(batch)
     out["total_loss"].backward()
@@ -30,6 +32,28 @@ def test_bf16_step_local_spec(mp1):
 @pytest.mark.te
 def test_fp8_hybrid_step_te_spec(mp1):
     _step(LayerImplConfig(backend="te", params_dtype=torch.bfloat16, bf16=True, fp8="hybrid"), torch.bfloat16)
+
+
+def test_fp8_torchao_step_local_spec(mp1):
+    """Real FP8 GEMMs (torch._scaled_mm) through the torchao converter, on GPUs that have them."""
+    pytest.importorskip("torchao.float8", reason="torchao is not installed")
+    from megatron_ov3.converters import apply_converters, fp8_gemm_supported
+
+    if not fp8_gemm_supported(torch.device("cuda")):
+        pytest.skip("this GPU has no FP8 GEMMs (needs compute capability >= 8.9)")
+    impl = LayerImplConfig(backend="local", params_dtype=torch.bfloat16, bf16=True, fp8="hybrid")
+    torch.manual_seed(0)
+    ref = _step(LayerImplConfig(backend="local", params_dtype=torch.bfloat16, bf16=True), torch.bfloat16)
+    torch.manual_seed(0)
+    out = _step(impl, torch.bfloat16, convert=lambda m: apply_converters(m, impl, torch.device("cuda")))
+    assert abs(float(out["caption_loss"]) - float(ref["caption_loss"])) < 0.05 * float(ref["caption_loss"])
+
+
+def test_compiled_layers_step(mp1):
+    from megatron_ov3.converters import apply_converters
+
+    impl = LayerImplConfig(backend="local", params_dtype=torch.bfloat16, bf16=True, compile=True)
+    _step(impl, torch.bfloat16, convert=lambda m: apply_converters(m, impl, torch.device("cuda")))
 
 
 def test_fast_vae_decode_matches_eager(mp1):
