@@ -46,6 +46,7 @@ def main(argv=None):
     p.add_argument("--no-bare", action="store_true")
     p.add_argument("--bare-compile", default=None, choices=["on", "off"], help="default: on with CUDA")
     p.add_argument("--no-breakdown", action="store_true")
+    p.add_argument("--no-vae-decode", action="store_true", help="skip timing the VAE decode alone")
     p.add_argument("--peak-tflops", type=float, default=None, help="vendor peak for a second MFU (H100: 989)")
     p.add_argument("--find-max-micro-batch", action="store_true", help="CUDA only")
     p.add_argument("--json", default=None, help="write the full report here")
@@ -82,6 +83,7 @@ def main(argv=None):
                      recompute=args.recompute_granularity, pixel_loss_fraction=args.pixel_loss_fraction,
                      vae_decode=fast, vae_path=args.vae_path, tiny_vae=args.tiny_vae, naive=not args.no_naive,
                      bare=not args.no_bare, bare_compile=on(args.bare_compile), breakdown=not args.no_breakdown,
+                     vae_decode_alone=not args.no_vae_decode,
                      peak_tflops=args.peak_tflops, find_max_micro_batch=args.find_max_micro_batch)
     parallel.initialize_model_parallel(args.tensor_model_parallel_size, 1)
     rep = run_benchmark(bc)

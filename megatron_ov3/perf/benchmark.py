@@ -20,6 +20,9 @@ Variants timed:
   the same with megatron-core's local spec and unfused attention (the megatron baseline).
 * ``bare_vit`` (and ``bare_vit_compiled``): ``torch.nn.TransformerEncoderLayer`` pre-LN stack of the
   encoder's width/depth/MLP/heads on the same token count, fwd + bwd + AdamW.
+* ``vae_decode`` and ``vae_decode_naive``: the VAE decode with gradient to the latents (what the pixel loss
+  costs) on the whole micro batch, with the fast step's decode options and as diffusers eager with bf16
+  weights (the naive step's).
 * ``matmul``: square GEMM throughput (bf16 on GPU), the ceiling MFU is also reported against.
 
 Per-part times (VAE encode, encoder, decoder, VAE decode, text, caption, optimizer) are each timed in
@@ -42,7 +45,7 @@ import torch.nn.functional as F
 
 from ..converters import apply_converters
 from ..models import FrozenVAE, LayerImplConfig, VAEDecodeConfig, build_model, get_config
-from ..training.flops import _tower_fwd, step_flops_per_sample
+from ..training.flops import _tower_fwd, _vae_fwd_flops, step_flops_per_sample
 
 
 @dataclass
@@ -88,6 +91,8 @@ class BenchConfig:
     """Also time the bare PyTorch ViT and the encoder-alone variants."""
     bare_compile: bool = False
     """Also time ``torch.compile`` of the bare ViT."""
+    vae_decode_alone: bool = True
+    """Also time the VAE decode with gradient alone, fast options against diffusers eager bf16."""
     breakdown: bool = True
     """Time each part of the fast step in isolation."""
     peak_tflops: Optional[float] = None
@@ -333,6 +338,25 @@ class Bench:
         self._record("bare_vit_compiled" if compiled else "bare_vit", t, bc.micro_batch, self._encoder_flops())
         del model, opt
 
+    def vae_decode(self, name: str, decode: VAEDecodeConfig, bf16_weights: bool):
+        """Decode the micro batch's latents and backpropagate to them (the VAE is frozen: no weight grads)."""
+        bc, dev = self.bc, self.device
+        vae = copy.deepcopy(self.vae).configure_decode(decode)
+        if bf16_weights:
+            vae.to(torch.bfloat16)
+        z = self.batch["latents"].clone().to(torch.bfloat16 if bf16_weights else torch.float32)
+        z.requires_grad_(True)
+
+        def step():
+            z.grad = None
+            vae.decode(z).float().mean().backward()
+
+        _reset_peak(dev)
+        t = timed(step, bc.steps, bc.warmup, dev)
+        _, dec = _vae_fwd_flops(id(self.vae), bc.image_size, self.vae)
+        self._record(name, t, bc.micro_batch, 2.0 * dec)
+        del vae
+
     # ---------------------------------------------------------------- per-part breakdown
     def _parts(self, model, opt, batch) -> Dict[str, float]:
         bc, dev = self.bc, self.device
@@ -446,6 +470,9 @@ class Bench:
             self.bare_vit(False)
             if bc.bare_compile:
                 self.bare_vit(True)
+        if bc.vae_decode_alone and self.cfg.pixel_l1_weight > 0:
+            self.vae_decode("vae_decode", bc.vae_decode, bf16_weights=False)
+            self.vae_decode("vae_decode_naive", VAEDecodeConfig(), bf16_weights=bc.bf16)
         if bc.find_max_micro_batch:
             self.results["max_micro_batch"] = {"no_recompute": self.max_micro_batch(None),
                                                "recompute_full": self.max_micro_batch("full")}
@@ -476,6 +503,7 @@ class Bench:
         ratio("ov3_vs_naive", "ov3", "naive")
         ratio("fp8_vs_no_fp8", "ov3", "ov3_no_fp8")
         ratio("compiled_vs_eager_layers", "ov3", "ov3_eager_layers")
+        ratio("vae_decode_vs_naive", "vae_decode", "vae_decode_naive")
         ratio("encoder_vs_bare_vit", "encoder", "bare_vit")
         ratio("encoder_vs_bare_vit_compiled", "encoder", "bare_vit_compiled")
         ratio("encoder_vs_megatron_local", "encoder", "encoder_local")
@@ -516,10 +544,41 @@ def format_report(rep: dict) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(reports: List[dict]) -> str:
+    """The README's performance table from one or more ``--json`` reports: one row per variant, then the ratios
+    and the largest micro batches, each report headed by its device, date, versions and configuration."""
+    out = []
+    for rep in reports:
+        c, r, v = rep["config"], rep["results"], rep["versions"]
+        head = (f"OV3-{c['size']} {c['image_size']}px, micro batch {c['micro_batch']}, "
+                f"{'bf16' if c['bf16'] else 'fp32'}, input {c['input']}, layers {c['transformer_impl']}"
+                f"{', fp8-' + c['fp8'] if c.get('fp8') else ''}{', compiled' if c.get('compile_layers') else ''}"
+                f"{', recompute ' + c['recompute'] if c.get('recompute') else ''}")
+        out += [f"**{head}** - {rep['device']}, {rep['date']}, torch {v.get('torch')}, "
+                f"megatron-core {v.get('megatron-core')}, TE {v.get('transformer-engine') or 'absent'}, "
+                f"matmul peak {r['matmul']['tflops']:.1f} TFLOP/s", "",
+                "| variant | step ms | images/s | TFLOP/s | MFU (matmul peak) | MFU (spec) | peak GiB |",
+                "|---|---:|---:|---:|---:|---:|---:|"]
+        for name, x in r.items():
+            if not (isinstance(x, dict) and "mean_s" in x):
+                continue
+            mem = x.get("peak_memory_mb")
+            cell = lambda k, f: f.format(x[k]) if x.get(k) is not None else "-"  # noqa: E731
+            out.append(f"| {name} | {x['mean_s'] * 1e3:.1f} | {x['images_per_s']:.1f} | "
+                       f"{cell('tflops_per_s', '{:.1f}')} | {cell('mfu_vs_matmul', '{:.1%}')} | "
+                       f"{cell('mfu_vs_spec', '{:.1%}')} | {f'{mem / 1024:.1f}' if mem is not None else '-'} |")
+        if rep["ratios"]:
+            out += ["", "ratios: " + ", ".join(f"{k} {x:.2f}x" for k, x in rep["ratios"].items())]
+        if "max_micro_batch" in r:
+            out += ["", "largest micro batch: " + ", ".join(f"{k} {x}" for k, x in r["max_micro_batch"].items())]
+        out.append("")
+    return "\n".join(out)
+
+
 def run_benchmark(bc: BenchConfig, device: Optional[torch.device] = None) -> dict:
     device = device or torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     return Bench(bc, device).run()
 
 
-__all__: List[str] = ["BenchConfig", "Bench", "BareViT", "run_benchmark", "format_report", "timed",
+__all__: List[str] = ["BenchConfig", "Bench", "BareViT", "run_benchmark", "format_report", "format_markdown", "timed",
                       "matmul_peak_tflops"]

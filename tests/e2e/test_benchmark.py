@@ -21,7 +21,7 @@ def test_benchmark_report(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.load(open(out))
     res = rep["results"]
-    for name in ("ov3", "naive", "encoder", "encoder_local", "bare_vit"):
+    for name in ("ov3", "naive", "encoder", "encoder_local", "bare_vit", "vae_decode", "vae_decode_naive"):
         v = res[name]
         assert v["mean_s"] > 0 and v["min_s"] <= v["mean_s"]
         assert math.isclose(v["images_per_s"], 4 / v["mean_s"], rel_tol=1e-9)
@@ -37,8 +37,25 @@ def test_benchmark_report(tmp_path):
         assert parts[k] > 0, k
     assert math.isclose(sum(parts.values()), res["ov3"]["mean_s"], rel_tol=1e-9)
     assert math.isclose(rep["ratios"]["ov3_vs_naive"], res["ov3"]["images_per_s"] / res["naive"]["images_per_s"])
-    assert set(rep["ratios"]) >= {"ov3_vs_naive", "encoder_vs_bare_vit", "encoder_vs_megatron_local"}
+    assert set(rep["ratios"]) >= {"ov3_vs_naive", "encoder_vs_bare_vit", "encoder_vs_megatron_local",
+                                  "vae_decode_vs_naive"}
+    # the VAE decode alone: forward + backward to the latents = 2x the decoder's forward FLOPs
+    assert math.isclose(res["vae_decode"]["tflops_per_s"] * res["vae_decode"]["mean_s"] / 4 * 1e12,
+                        naive["vae_decode"], rel_tol=1e-9)
     assert rep["versions"]["torch"] and rep["device"].startswith("CPU") and rep["config"]["micro_batch"] == 4
+    # the README table from the report
+    t = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench_table.py"), str(out)],
+                       capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert t.returncode == 0, t.stderr[-2000:]
+    rows = {l.split("|")[1].strip(): l for l in t.stdout.splitlines() if l.startswith("| ") and "variant" not in l}
+    assert set(rows) == {"ov3", "naive", "encoder", "encoder_local", "bare_vit", "vae_decode", "vae_decode_naive"}
+    assert f"| {res['ov3']['images_per_s']:.1f} |" in rows["ov3"]
+    assert f"ov3_vs_naive {rep['ratios']['ov3_vs_naive']:.2f}x" in t.stdout
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"results": {}}')
+    t = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench_table.py"), str(bad)],
+                       capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert t.returncode == 2 and "not a tools/benchmark.py report" in t.stderr
 
 
 def test_benchmark_fp8_and_compiled_layers(tmp_path):
@@ -47,7 +64,7 @@ def test_benchmark_fp8_and_compiled_layers(tmp_path):
     out = tmp_path / "fp8.json"
     r = _bench("--model-size", "tiny", "--image-size", 32, "--micro-batch-size", 4, "--tiny-vae", "--steps", 1,
                "--warmup", 1, "--transformer-impl", "local", "--fp8-format", "hybrid", "--torch-compile",
-               "--no-naive", "--no-bare", "--no-breakdown", "--json", out)
+               "--no-naive", "--no-bare", "--no-breakdown", "--no-vae-decode", "--json", out)
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.load(open(out))
     res, ratios = rep["results"], rep["ratios"]
