@@ -212,6 +212,19 @@ def _device_name(device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def largest_fitting(fits: Callable[[int], bool], limit: int) -> int:
+    """Largest ``b`` in [1, limit] with ``fits(b)`` (0 if none), assuming fitting is monotone: doubling from
+    1, then bisection between the last size that fitted and the first that did not."""
+    lo, hi = 0, 1
+    while hi <= limit and fits(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, limit + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
 class Bench:
     def __init__(self, bc: BenchConfig, device: torch.device):
         if bc.input not in ("latents", "images"):
@@ -444,14 +457,7 @@ class Bench:
                 del model, opt
                 torch.cuda.empty_cache()
 
-        lo, hi = 0, 1
-        while hi <= limit and fits(hi):
-            lo, hi = hi, hi * 2
-        hi = min(hi, limit + 1)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-        return lo
+        return largest_fitting(fits, limit)
 
     # ---------------------------------------------------------------- all
     def run(self) -> dict:
@@ -580,5 +586,5 @@ def run_benchmark(bc: BenchConfig, device: Optional[torch.device] = None) -> dic
     return Bench(bc, device).run()
 
 
-__all__: List[str] = ["BenchConfig", "Bench", "BareViT", "run_benchmark", "format_report", "format_markdown", "timed",
-                      "matmul_peak_tflops"]
+__all__: List[str] = ["BenchConfig", "Bench", "BareViT", "run_benchmark", "format_report", "format_markdown",
+                      "timed", "largest_fitting", "matmul_peak_tflops"]
