@@ -118,9 +118,10 @@ def convert_to_float8(model: torch.nn.Module, fmt: str, emulate: bool = False,
     are multiples of 16 (what FP8 GEMMs need) to its float8 subclass, in place; returns how many. Like TE's
     FP8 (and torchtitan's filter), heads outside the layers stay in high precision: the caption decoder's
     vocabulary projection feeds megatron's vocab-parallel cross entropy, which needs its logits exact-ish and
-    writes into them in place. ``emulate``: quantise as FP8 but
-    multiply in high precision (CPU, GPUs before sm_89). Without ``emulate`` the ``device`` must have FP8
-    GEMMs. ``config``: a torchao ``Float8LinearConfig`` used instead of ``fmt``'s (tests pass one with scaling
+    writes into them in place.
+
+    ``emulate``: quantise as FP8 but multiply in high precision (CPU, GPUs before sm_89); without it the
+    ``device`` must have FP8 GEMMs. ``config``: a torchao ``Float8LinearConfig`` used instead of ``fmt``'s (tests pass one with scaling
     disabled, which makes the GEMMs exact and isolates the communication)."""
     if not torchao_available():
         raise Float8Unavailable("--fp8-format without Transformer Engine needs torchao; pip install torchao "

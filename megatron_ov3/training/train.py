@@ -350,7 +350,9 @@ def _pipeline_step(engine, data, device, plan):
         out = module(batch)
         if not module.post_process:
             return out, None
-        return out["total_loss"], lambda loss: (loss, {k: v.detach().float() for k, v in out.items()})
+        # clone: megatron's schedule divides the returned loss by the number of micro-batches *in place*, and a
+        # detached view would carry that division into the logged metrics
+        return out["total_loss"], lambda loss: (loss, {k: v.detach().clone().float() for k, v in out.items()})
 
     seq = (cfg.image_size // cfg.pixels_per_token) ** 2 + cfg.num_prefix_tokens
     outs = get_forward_backward_func()(

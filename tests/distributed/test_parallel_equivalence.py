@@ -83,6 +83,15 @@ def test_layout_matches_single_process(name, init, reference, tmp_path):
     _assert_same(reference, got)
 
 
+def test_pipeline_with_accumulation_matches_single_process(init, tmp_path):
+    """PP2 with 2 micro-batches per step (1F1B schedule) against one process accumulating the same 2
+    micro-batches: per-step losses (the logged mean over micro-batches) and gradient norm within 1e-5."""
+    flags = ["--train-iters", 3, "--init-universal", init, "--micro-batch-size", 4]
+    ref, _ = _run(1, 0, tmp_path / "ref.jsonl", *flags)
+    got, _ = _run(2, 29755, tmp_path / "pp.jsonl", *flags, "--pipeline-model-parallel-size", 2)
+    _assert_same(ref, got)
+
+
 def test_pipeline_refuses_zero2(init, tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT, WORLD_SIZE="2")
     r = subprocess.run([sys.executable, "-m", "megatron_ov3.pretrain", *COMMON, "--train-iters", "1",
