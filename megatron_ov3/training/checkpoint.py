@@ -113,8 +113,10 @@ def prune(directory: str, keep_last: int, current: str) -> None:
             shutil.rmtree(os.path.join(directory, t), ignore_errors=True)
 
 
-def load(engine, directory: str, module_only: bool = False, load_optimizer: bool = True):
-    """Load ``latest`` from ``directory`` into the engine; returns (tag, client_state, rng dict or None)."""
+def load(engine, directory: str, module_only: bool = False, load_optimizer: bool = True,
+         load_scheduler: Optional[bool] = None):
+    """Load ``latest`` from ``directory`` into the engine; returns (tag, client_state, rng dict or None).
+    ``load_scheduler`` (default: unless ``module_only``) restores the learning-rate schedule's position."""
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"checkpoint directory {directory!r} does not exist")
     tag = read_latest(directory)
@@ -122,7 +124,7 @@ def load(engine, directory: str, module_only: bool = False, load_optimizer: bool
         raise FileNotFoundError(f"{directory!r} has no '{LATEST}' file; is it a megatron_ov3 checkpoint directory?")
     path, client = engine.load_checkpoint(
         directory, tag=tag, load_module_only=module_only, load_optimizer_states=load_optimizer and not module_only,
-        load_lr_scheduler_states=not module_only,
+        load_lr_scheduler_states=(not module_only) if load_scheduler is None else load_scheduler,
     )
     if path is None:
         raise ValueError(f"DeepSpeed could not load checkpoint {os.path.join(directory, tag)!r}")

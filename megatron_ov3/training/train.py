@@ -465,9 +465,14 @@ def _restore_weights(engine, directory, zero_stage, keep_optimizer):
     if tag is None:
         raise FileNotFoundError(f"{directory!r} holds no checkpoint ('latest' missing)")
     if _same_layout(directory, tag, zero_stage):
-        ckpt.load(engine, directory, module_only=not keep_optimizer, load_optimizer=keep_optimizer)
+        # a new stage keeps the weights (and, asked, Adam's moments), never the previous stage's schedule
+        ckpt.load(engine, directory, module_only=not keep_optimizer, load_optimizer=keep_optimizer,
+                  load_scheduler=False)
     else:
         universal.load_universal(engine, os.path.join(directory, tag, "universal"), load_optimizer=keep_optimizer)
+    # the loaded optimizer state carries the previous stage's learning rates: start this stage's schedule
+    for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
+        group["lr"] = lr
 
 
 def _save(engine, args, iteration, consumed, data, cfg):

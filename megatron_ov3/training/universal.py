@@ -67,12 +67,33 @@ def _full_values(engine, param) -> Dict[str, Optional[torch.Tensor]]:
         for k in ADAM_STATES:
             out[k] = safe_get_full_optimizer_state(param, k)
         return out
-    # ZeRO-0: plain torch optimizer state on the parameter itself
-    state = _torch_optimizer(engine).state.get(param, {})
-    out[""] = param.detach().float()
+    # ZeRO-0: plain torch optimizer state on the parameter itself, or (bf16) on its fp32 master copy
+    master = _fp32_master(engine, param)
+    state = _torch_optimizer(engine).state.get(master, {})
+    out[""] = master.detach().float()
     for k in ADAM_STATES:
         out[k] = state.get(k)
     return out
+
+
+def _fp32_master(engine, param):
+    """The fp32 master copy DeepSpeed's unfused bf16/fp16 optimizer (ZeRO-0 with --bf16) keeps of ``param``,
+    which is what its torch optimizer updates and holds state for; ``param`` itself otherwise."""
+    opt = getattr(engine, "optimizer", None)
+    low, high = getattr(opt, "fp16_groups", None), getattr(opt, "fp32_groups", None)
+    if low and high:
+        for lg, hg in zip(low, high):
+            for lp, hp in zip(lg, hg):
+                if lp is param:
+                    return hp
+    return param
+
+
+def _step_tensor(step: float, like: torch.Tensor, group: dict) -> torch.Tensor:
+    """AdamW's ``step`` state as torch creates it: on the parameter's device for fused/capturable AdamW (the
+    fused CUDA kernel reads it there), on the CPU otherwise."""
+    on_device = group.get("fused") or group.get("capturable")
+    return torch.tensor(float(step), dtype=torch.float32, device=like.device if on_device else "cpu")
 
 
 def _relink_optimizer_states(engine) -> None:
@@ -93,10 +114,11 @@ def _ensure_adam_state(engine) -> None:
     if not flats:
         return
     torch_opt = _torch_optimizer(engine)
+    groups = {id(p): g for g in torch_opt.param_groups for p in g["params"]}
     for flat in flats:
         st = torch_opt.state[flat]
         if "exp_avg" not in st:
-            st["step"] = torch.tensor(0.0)
+            st["step"] = _step_tensor(0, flat, groups.get(id(flat), {}))
             st["exp_avg"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
             st["exp_avg_sq"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
 
@@ -119,6 +141,14 @@ def _tp_slice(t: torch.Tensor, param) -> torch.Tensor:
         return t
     tp, r = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     return t.chunk(tp, dim=param.partition_dim)[r].contiguous()
+
+
+def _adam_steps(engine) -> Optional[int]:
+    """AdamW's own step count on this rank (None for a bare module or before the first step)."""
+    if engine is None or engine is _unwrap(engine):
+        return None
+    steps = [float(st["step"]) for st in _torch_optimizer(engine).state.values() if "step" in st]
+    return int(max(steps)) if steps else None
 
 
 def save_universal(engine, directory: str, meta: dict) -> None:
@@ -146,6 +176,9 @@ def save_universal(engine, directory: str, meta: dict) -> None:
         save_file(tensors, os.path.join(out, f"stage{ps.get_pipeline_model_parallel_rank()}.safetensors"))
     if dist.get_rank() == 0:
         os.makedirs(out, exist_ok=True)
+        steps = _adam_steps(engine)  # the updates Adam really applied (skipped steps and warm-up steps counted
+        if steps is not None:        # as the optimizer counts them), which the bias correction depends on
+            meta = dict(meta, optimizer_step=steps)
         full = dict(meta, pipeline_stages=ps.get_pipeline_model_parallel_world_size(),
                     tensor_parallel=ps.get_tensor_model_parallel_world_size(),
                     data_parallel=ps.get_data_parallel_world_size())
@@ -204,8 +237,11 @@ def load_universal(engine, directory: str, load_optimizer: bool = True) -> dict:
         if value.shape != p.shape:
             raise ValueError(f"universal checkpoint has {g} of shape {tuple(value.shape)}, this model needs "
                              f"{tuple(p.shape)} (different model size?)")
+        master = _fp32_master(engine, p)
         with torch.no_grad():
             p.data.copy_(value.to(p.dtype))
+            if master is not p:  # ZeRO-0 + bf16: the fp32 master is what the next step starts from
+                master.data.copy_(value.to(master.device, master.dtype))
         hp = hasattr(p, "_hp_mapping")
         if hp:
             safe_set_full_fp32_param(p, value.to(p.device))
@@ -219,7 +255,7 @@ def load_universal(engine, directory: str, load_optimizer: bool = True) -> dict:
             if hp:
                 safe_set_full_optimizer_state(p, s, k)
             else:
-                torch_opt.state.setdefault(p, {})[k] = s.clone()
+                torch_opt.state.setdefault(master, {})[k] = s.clone()
     if missing and meta.get("partial"):
         if dist.is_initialized() and dist.get_rank() == 0:
             print(f"universal checkpoint is partial ({meta.get('source', '')}): {len(missing)} parameters keep "
@@ -228,7 +264,8 @@ def load_universal(engine, directory: str, load_optimizer: bool = True) -> dict:
         raise ValueError(f"universal checkpoint lacks {len(missing)} parameters, e.g. {missing[:3]} "
                          f"(different model size or options?)")
     if load_optimizer and "optimizer_step" in meta:
-        step = torch.tensor(float(meta["optimizer_step"]))
-        for state in torch_opt.state.values():
-            state["step"] = step.clone()
+        for group in torch_opt.param_groups:
+            for q in group["params"]:
+                if q in torch_opt.state:
+                    torch_opt.state[q]["step"] = _step_tensor(meta["optimizer_step"], q, group)
     return meta

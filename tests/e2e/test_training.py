@@ -196,3 +196,19 @@ def test_torchao_fp8_compiled_tp2_sp_tracks_fp32(tmp_path, fp32_reference):
     assert "fp8-hybrid (torchao float8, emulated on CPU): 28 linears" in out, out[-2000:]
     assert "torch.compile: 7 transformer layers" in out and "layers: local/sdpa compiled" in out
     _assert_close(got, fp32_reference, 0.05)
+
+
+def test_finetune_stage_starts_its_own_schedule(tmp_path):
+    """--finetune-from (the next resolution stage) keeps the weights and, with --keep-optimizer, Adam's
+    moments - but starts its own iteration count and learning-rate schedule, the same as a fresh run's."""
+    ck = tmp_path / "stage1"
+    _mock_run(tmp_path, "stage1", "--lr", "1e-3", "--lr-warmup-iters", "1", "--min-lr", "1e-5",
+              "--train-iters", "3", "--save", ck)
+    stage2 = ["--image-size", "64", "--lr", "5e-4", "--lr-warmup-iters", "2", "--train-iters", "2"]
+    fresh, _ = _mock_run(tmp_path, "fresh", *stage2)
+    for keep in ([], ["--keep-optimizer"]):
+        got, out = _mock_run(tmp_path, f"stage2{len(keep)}", *stage2, "--finetune-from", ck, *keep)
+        assert "stage start from" in out and f"optimizer {'kept' if keep else 'reset'}" in out, out[-2000:]
+        assert [m["iteration"] for m in got] == [1, 2]
+        assert [m["lr"] for m in got] == pytest.approx([m["lr"] for m in fresh], rel=1e-9), keep
+        assert got[0]["total_loss"] != pytest.approx(fresh[0]["total_loss"], rel=1e-6)  # trained weights

@@ -1,0 +1,61 @@
+"""Universal checkpoints with ZeRO-0 under --bf16, where DeepSpeed's unfused optimizer keeps fp32 master copies
+apart from the bf16 parameters: the save reads the masters and their Adam moments, and a load reaches the masters
+(otherwise the first step would write the old masters back over the loaded weights)."""
+import os
+
+import pytest
+import torch
+
+
+def _engine(bf16: bool, seed: int):
+    import deepspeed
+    import torch.distributed as dist
+
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+    torch.manual_seed(seed)
+    m = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.GELU(), torch.nn.Linear(16, 1))
+    if bf16:
+        m = m.to(torch.bfloat16)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.0)
+    cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "train_batch_size": 4,
+           "gradient_clipping": 1.0, "zero_optimization": {"stage": 0}, "bf16": {"enabled": bf16},
+           "zero_allow_untested_optimizer": True, "steps_per_print": 1 << 30}
+    engine, *_ = deepspeed.initialize(model=m, optimizer=opt, config=cfg)
+    return engine
+
+
+def _step(engine, dtype):
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(3)).to(dtype)
+    loss = engine(x).float().pow(2).mean()
+    engine.backward(loss)
+    engine.step()
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_zero0_universal_round_trip_reaches_fp32_masters(mp1, tmp_path, bf16):
+    from megatron_ov3.training import universal
+
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    src = _engine(bf16, seed=0)
+    for _ in range(3):
+        _step(src, dtype)
+    universal.save_universal(src, str(tmp_path), {"iteration": 3, "optimizer_step": 3})
+    d = os.path.join(str(tmp_path), "universal")
+    meta, handles = universal.read_universal(d)
+    masters = [universal._fp32_master(src, p) for p in src.module.parameters()]
+    assert all(m.dtype == torch.float32 for m in masters) and ((masters[0] is not next(src.module.parameters()))
+                                                                == bf16)
+    name = "0.weight"
+    assert torch.equal(handles[name].get_tensor(name), masters[0].detach().float())  # not the bf16 rounding
+    exp_avg = handles[f"{name}::exp_avg"].get_tensor(f"{name}::exp_avg")
+    assert exp_avg.abs().sum() > 0  # the moments were found (they are keyed by the masters)
+
+    dst = _engine(bf16, seed=1)  # different initialisation
+    universal.load_universal(dst, d)
+    for a, b in zip(src.module.parameters(), dst.module.parameters()):
+        assert torch.equal(universal._fp32_master(src, a), universal._fp32_master(dst, b))
+    # one more step on both: identical, so nothing of the new engine's initialisation survived the load
+    _step(src, dtype)
+    _step(dst, dtype)
+    for a, b in zip(src.module.parameters(), dst.module.parameters()):
+        assert torch.equal(a, b)
