@@ -153,6 +153,9 @@ def validate(args, world_size: int) -> None:
             f"--zero-stage {args.zero_stage} cannot be combined with pipeline parallelism (DeepSpeed refuses "
             f"ZeRO-2/3 with pipelining); use --zero-stage 1"
         )
+    if pp > 1 and args.zero_stage == 0:
+        raise UsageError("--zero-stage 0 cannot be combined with pipeline parallelism (DeepSpeed's ZeRO-0 gradient "
+                         "clipping counts only the first stage's replicated parameters); use --zero-stage 1")
     if args.sequence_parallel:
         if tp == 1:
             raise UsageError("--sequence-parallel needs --tensor-model-parallel-size > 1")

@@ -203,7 +203,7 @@ def run(args) -> int:
     wandb_run = _wandb(args, cfg)
     flops = None
     signals = _Signals()
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3 empties p
     log0(f"OV3-{args.model_size} {args.image_size}px: {n_params:,} trainable params on this model-parallel rank | world {world} = "
          f"TP {args.tensor_model_parallel_size} x PP {args.pipeline_model_parallel_size} x DP {dp_size} | "
          f"micro {plan.micro_batch_size} x accum {plan.grad_accum} x DP {dp_size} = global "
@@ -217,19 +217,24 @@ def run(args) -> int:
     samples_since_log = 0
     engine.train()
     stop_reason = None
+    own_grad_norm = args.zero_stage == 0 and not args.bf16  # DeepSpeed keeps no norm for a plain optimizer
+    step_grad_norm = None
     latent_input = False  # latent shards (no VAE encode in the step): known from the first batch
     while iteration < total_iters:
         if pipelined:
             outs, finite = _pipeline_step(engine, data, device, plan)
             if finite:
                 bad_streak = 0
-            else:
+            else:  # like a skipped micro-batch without pipelining: the data moves on, the iteration does not
                 skipped_total += 1
                 bad_streak += 1
+                consumed += plan.global_batch_size
                 log0(f"iteration {iteration + 1}: non-finite loss, step skipped ({bad_streak} in a row)")
                 if bad_streak >= args.max_bad_steps:
                     stop_reason = (f"stopping: {bad_streak} consecutive non-finite losses "
                                    f"(--max-bad-steps {args.max_bad_steps}); lower --lr or check the data")
+                    break
+                continue
             for out in outs:
                 for k, v in out.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
@@ -254,6 +259,8 @@ def run(args) -> int:
                 continue
             bad_streak = 0
             engine.backward(loss)
+            if own_grad_norm and engine.is_gradient_accumulation_boundary():
+                step_grad_norm = _grad_norm(model)  # gradients are reduced over DP by now, not yet clipped
             engine.step()
             done += 1
             for k, v in out.items():
@@ -276,8 +283,9 @@ def run(args) -> int:
             sps = samples_since_log / dt
             tflops = flops["total"] * sps / world / 1e12
             gn = engine.get_global_grad_norm()
+            gn = step_grad_norm if gn is None else gn
             lr = sched.get_last_lr()[0]
-            bad = data.bad_counts()
+            bad = _bad_counts_over_dp(data, device)
             losses = " | ".join(f"{k} {avg[k]:.4f}" for k in ("total_loss",) + LOSS_NAMES if k in avg)
             log0(f"iteration {iteration:6d}/{total_iters} | {losses} | acc i2t {avg.get('contrastive_acc_i2t', 0):.3f}"
                  f" | lr {lr:.3e} | grad norm {float(gn if gn is not None else float('nan')):.3f} | "
@@ -328,10 +336,38 @@ def run(args) -> int:
     if stop_reason:
         log0(stop_reason)
         return 1
-    if args.save:
+    if args.save and ckpt.read_latest(args.save):
         log0(f"checkpoint: {os.path.abspath(os.path.join(args.save, ckpt.read_latest(args.save)))}")
     log0("training finished")
     return 0
+
+
+def _grad_norm(model) -> float:
+    """Global L2 norm of the gradients (what DeepSpeed reports for its other optimizers; ZeRO-0 in fp32 reports
+    none): parameters replicated over tensor parallelism counted once, shards summed over the TP group."""
+    from megatron.core import parallel_state as ps
+
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    sq = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
+    for p in model.parameters():
+        if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0):
+            sq += p.grad.detach().double().pow(2).sum()
+    if ps.get_tensor_model_parallel_world_size() > 1:
+        dist.all_reduce(sq, group=ps.get_tensor_model_parallel_group())
+    return float(sq.sqrt())
+
+
+def _bad_counts_over_dp(data, device) -> Dict[str, int]:
+    """Skipped samples per reason, summed over the data-parallel ranks (each reads its own shards)."""
+    from megatron.core import parallel_state as ps
+
+    local = data.bad_counts()
+    keys = sorted(local)
+    if not keys or ps.get_data_parallel_world_size() == 1:
+        return local
+    vec = torch.tensor([float(local[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(vec, group=ps.get_data_parallel_group())
+    return {k: int(v) for k, v in zip(keys, vec.tolist())}
 
 
 def _pipeline_step(engine, data, device, plan):

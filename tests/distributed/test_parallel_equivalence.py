@@ -70,6 +70,7 @@ LAYOUTS = {
     "TP2-SP-recompute-full": (2, ["--tensor-model-parallel-size", 2, "--sequence-parallel",
                                   "--recompute-granularity", "full"]),
     "PP2-recompute-selective": (2, ["--pipeline-model-parallel-size", 2, "--recompute-granularity", "selective"]),
+    "TP2xDP2-ZeRO0": (4, ["--tensor-model-parallel-size", 2, "--micro-batch-size", 4, "--zero-stage", 0]),
     "TP2xPP2-SP": (4, ["--tensor-model-parallel-size", 2, "--pipeline-model-parallel-size", 2,
                        "--sequence-parallel"]),
 }
@@ -98,6 +99,10 @@ def test_pipeline_refuses_zero2(init, tmp_path):
                         "--pipeline-model-parallel-size", "2", "--zero-stage", "2"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "use --zero-stage 1" in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "-m", "megatron_ov3.pretrain", *COMMON, "--train-iters", "1",
+                        "--pipeline-model-parallel-size", "2", "--zero-stage", "0"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--zero-stage 0 cannot be combined" in r.stderr, r.stderr
 
 
 def _flags(layout):
