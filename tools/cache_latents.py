@@ -27,6 +27,8 @@ def main(argv=None):
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when available, else cpu")
     p.add_argument("--bf16", action="store_true", help="run the VAE in bfloat16")
     args = p.parse_args(argv)
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.image_size % 16:
         raise UsageError(f"--image-size {args.image_size} is not a multiple of 16")
     if not 0 <= args.rank < args.world_size:

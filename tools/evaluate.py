@@ -51,7 +51,7 @@ def main(argv=None):
         load_universal(model, resolve_universal(args.load), load_optimizer=False)
     model.to(device).to_frozen(device)
     tok = Tokenizer(args.tokenizer)
-    data = DataIterator(DataConfig(data_path=args.data_path, tokenizer=args.tokenizer, epochs=1,
+    data = DataIterator(DataConfig(data_path=args.data_path, tokenizer=args.tokenizer, epochs=1, drop_last=False,
                                    micro_batch_size=args.micro_batch_size, image_size=model.cfg.image_size,
                                    num_workers=args.num_workers, shuffle_buffer=0, seed=args.seed,
                                    text_length=model.cfg.text_context_length, caption_length=model.cfg.caption_length),

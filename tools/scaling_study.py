@@ -58,6 +58,10 @@ def main(argv=None):
               f"efficiency {hw.efficiency:.3f}, VAE fraction {hw.vae_tflops_fraction:.3f}")
     if any(n < 1 for n in args.nodes):
         raise UsageError("--nodes must be >= 1")
+    for flag, v in (("--global-batch-size", args.global_batch_size), ("--per-gpu-batch", args.per_gpu_batch),
+                    ("--top", args.top), ("--image-size", args.image_size), ("--measure-iters", args.measure_iters)):
+        if v < 1:
+            raise UsageError(f"{flag} must be >= 1, got {v}")
     if args.measure:
         return _measure(args, hw)
     result = {}

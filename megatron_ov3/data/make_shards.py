@@ -74,15 +74,23 @@ def from_table(path: str, path_column: str = "path", caption_column: str = "capt
         yield f"{i:09d}", data, row[caption_column]
 
 
+BAD_SHARD = object()
+"""Stands for the image bytes of a (key, data, caption) item that reports an unreadable input shard (the key
+is the shard's URL): :func:`write_shards` counts it as ``bad_shard`` and lists the URL in its stats."""
+
+
 def from_tars(spec: str):
-    """(key, image bytes, caption) of every sample in existing shards (for re-sharding)."""
-    errors: List[str] = []
+    """(key, image bytes, caption) of every sample in existing shards (for re-sharding). A shard that cannot be
+    read to its end (truncated, corrupt) yields ``(url, BAD_SHARD, None)`` after its readable samples."""
     for source in expand_urls(spec):
         for url in source:
             if not os.path.isfile(url):
                 raise FileNotFoundError(f"shard {url!r} does not exist")
+            errors: List[str] = []
             for smp in iter_tar_samples(url, lambda *a: errors.append(a[1])):
                 yield f"{os.path.basename(url)}-{smp['__key__']}", image_bytes(smp), caption_of(smp)
+            if errors:
+                yield url, BAD_SHARD, None
 
 
 def write_shards(samples, out_dir: str, samples_per_shard: int, prefix: str = "shard", progress: bool = True) -> Dict:
@@ -90,9 +98,14 @@ def write_shards(samples, out_dir: str, samples_per_shard: int, prefix: str = "s
     from tqdm import tqdm
 
     skipped: Counter = Counter()
+    bad_shards: List[str] = []
     n_ok, cap_len, widths, heights = 0, 0, 0, 0
     with ShardWriter(out_dir, samples_per_shard, prefix=prefix) as w:
         for key, data, caption in tqdm(samples, desc="samples", unit="img", disable=not progress):
+            if data is BAD_SHARD:
+                skipped["bad_shard"] += 1
+                bad_shards.append(key)
+                continue
             if data is None:
                 skipped["missing_image"] += 1
                 continue
@@ -116,7 +129,8 @@ def write_shards(samples, out_dir: str, samples_per_shard: int, prefix: str = "s
             widths += meta[0]
             heights += meta[1]
     stats = {
-        "written": n_ok, "skipped": dict(skipped), "shards": len(w.sizes), "sizes": w.sizes,
+        "written": n_ok, "skipped": dict(skipped), "bad_input_shards": bad_shards, "shards": len(w.sizes),
+        "sizes": w.sizes,
         "mean_caption_words": cap_len / max(n_ok, 1), "mean_width": widths / max(n_ok, 1),
         "mean_height": heights / max(n_ok, 1),
     }

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
+import os
 import random
 import zlib
 from dataclasses import dataclass, field
@@ -55,6 +56,9 @@ class DataConfig:
     """Draw shards with replacement (infinite, no epochs) instead of epoch-wise disjoint splitting."""
     epochs: Optional[int] = None
     """Stop after this many passes over the data (None: endless, as for training by iterations)."""
+    drop_last: bool = True
+    """With ``epochs``: drop each worker's final partial batch (fixed shapes for training); evaluation keeps it,
+    so every held-out sample counts whatever the process and worker counts."""
     num_workers: int = 2
     """DataLoader worker processes per rank (0: load in the main process)."""
     shuffle_buffer: int = 1000
@@ -106,6 +110,13 @@ class ShardStream(IterableDataset):
         self.cfg = cfg
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.sources = expand_urls(cfg.data_path)
+        for i, shards in enumerate(self.sources):
+            local = [u for u in shards if "://" not in u and not u.startswith("pipe:")]
+            missing = [u for u in local if not os.path.isfile(u)]
+            if missing and len(missing) == len(shards):  # a typo; a few missing shards are counted as bad_shard
+                raise FileNotFoundError(
+                    f"none of the {len(shards)} shards of source {i + 1} exists (e.g. {missing[0]!r}); "
+                    f"check --data-path (brace ranges like shard-{{00000..00009}}.tar)")
         self.weights = cfg.data_weights or [1.0] * len(self.sources)
         self.num_logical = max(1, cfg.num_workers)
         slots = dp_size * self.num_logical
@@ -128,21 +139,32 @@ class ShardStream(IterableDataset):
         cfg = self.cfg
         if cfg.resample:
             rng = _rng(cfg.seed, "resample", s, self.dp_rank, w)
+            empty = 0
             for draw in itertools.count():
                 url = shards[rng.randrange(len(shards))]
+                empty += 1
                 for smp in iter_tar_samples(url, on_error):
                     smp["__epoch__"] = draw
+                    empty = 0
                     yield smp
+                if empty > 2 * len(shards) + 8:  # never spin forever on unreadable or empty shards
+                    raise ValueError(f"source {s + 1}: {empty} shard draws in a row gave no sample; its shards "
+                                     f"are empty or unreadable (e.g. {url!r})")
             return
         slot, stride = self.dp_rank * self.num_logical + w, self.dp_size * self.num_logical
         epochs = itertools.count() if cfg.epochs is None else range(cfg.epochs)
         for epoch in epochs:
             order = list(shards)
             _rng(cfg.seed, "shards", s, epoch).shuffle(order)
-            for url in order[slot::stride]:
+            mine, n = order[slot::stride], 0
+            for url in mine:
                 for smp in iter_tar_samples(url, on_error):
                     smp["__epoch__"] = epoch
+                    n += 1
                     yield smp
+            if n == 0 and mine and cfg.epochs is None:  # endless mode would spin forever on nothing
+                raise ValueError(f"source {s + 1}: a whole epoch over this worker's {len(mine)} shards gave no "
+                                 f"sample; they are empty or unreadable (e.g. {mine[0]!r})")
 
     def _raw_stream(self, w: int, on_error) -> Iterator[dict]:
         streams = [self._source_stream(s, w, on_error) for s in range(len(self.sources))]
@@ -212,11 +234,11 @@ class ShardStream(IterableDataset):
                     f"--image-size {cfg.image_size}"
                 )
             out["latents"] = torch.from_numpy(lat.astype(np.float32))
-        if "cls" in smp:  # class label (webdataset convention), used by zero-shot evaluation
+        if "cls" in smp:  # class label (webdataset convention), used by zero-shot evaluation; -1: none
             try:
                 out["labels"] = torch.tensor(int(smp["cls"].decode().strip()))
             except ValueError:
-                pass
+                out["labels"] = torch.tensor(-1)
         out["text_ids"] = torch.from_numpy(self.tokenizer.encode(caption, cfg.text_length))
         out["caption_ids"] = torch.from_numpy(self.tokenizer.encode(caption, cfg.caption_length))
         out["noise_seeds"] = torch.tensor(noise_seed(cfg.seed, smp["__url__"], smp["__key__"], smp["__epoch__"]))
@@ -252,11 +274,13 @@ class ShardStream(IterableDataset):
                 continue
             batch.append(dec)
             if len(batch) == self.cfg.micro_batch_size:
-                out = {k: torch.stack([b[k] for b in batch]) for k in batch[0]}
+                out = collate(batch)
                 yield self._status(out, w, pos, bad)
                 batch = []
-        # finite mode: a final partial batch is dropped (fixed shapes); a status-only item carries the counts
-        # of the samples read after the last full batch
+        if batch and not self.cfg.drop_last:
+            yield self._status(collate(batch), w, pos, bad)
+        # finite mode: otherwise a final partial batch is dropped (fixed shapes); a status-only item carries the
+        # counts of the samples read after the last full batch
         yield self._status({"_status_only": torch.tensor(1)}, w, pos, bad)
 
     @staticmethod
@@ -267,6 +291,35 @@ class ShardStream(IterableDataset):
         return out
 
 
+def collate(samples: List[dict]) -> Dict[str, torch.Tensor]:
+    """Stack samples into a batch. ``labels`` exists on some samples only when sources are mixed: the others get
+    -1 (no label), so the batch keeps one label per image."""
+    keys = list(samples[0])
+    if "labels" not in keys and any("labels" in b for b in samples):
+        keys.append("labels")
+    none = torch.tensor(-1)
+    return {k: torch.stack([b.get(k, none) if k == "labels" else b[k] for b in samples]) for k in keys}
+
+
+def to_rgb(im):
+    """PIL image -> 8-bit RGB. 16/32-bit grey (modes I;16*, I) is scaled to 8 bits, not clipped; transparent
+    images (RGBA, LA, P/L with transparency) are composited onto white, as Hugging Face image processors
+    (``do_convert_rgb``) do, so training and the exported processor see the same pixels."""
+    from PIL import Image
+
+    if im.mode.startswith("I"):
+        a = np.asarray(im).astype(np.float64)
+        peak = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(a / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if im.mode == "P" or (im.mode in ("L", "RGB") and "transparency" in im.info):
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA"):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
 def decode_image(data: bytes, size: int, rng: Optional[random.Random] = None) -> Optional[torch.Tensor]:
     """Bytes -> (3, size, size) float in [-1, 1]: RGB, shorter side resized (bicubic), center/random crop.
     None when the image cannot be decoded (corrupt or truncated)."""
@@ -275,7 +328,7 @@ def decode_image(data: bytes, size: int, rng: Optional[random.Random] = None) ->
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            im = im.convert("RGB")
+            im = to_rgb(im)
             w, h = im.size
             if w < 1 or h < 1:
                 return None

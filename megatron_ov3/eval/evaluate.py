@@ -60,8 +60,8 @@ def evaluate(model, batches, device, tokenizer=None, classnames: Optional[Sequen
             feats_fake.append(torch.from_numpy(inception(x_hat)))
         acc["img"].append(enc.embedding.float().cpu())
         acc["txt"].append(model.encode_text(batch["text_ids"]).float().cpu())
-        if "labels" in batch:
-            acc["labels"].append(batch["labels"].cpu())
+        # one label per image (-1: none), so the labels stay aligned when only some shards carry .cls
+        acc["labels"].append(batch["labels"].cpu() if "labels" in batch else torch.full((x.shape[0],), -1))
         if grid is None:
             grid = M.image_grid(x, x_hat, grid_images)
     local = {k: (torch.cat(v) if v else None) for k, v in acc.items()}
@@ -82,6 +82,8 @@ def evaluate(model, batches, device, tokenizer=None, classnames: Optional[Sequen
     if local["feats_real"] is not None:
         report["rfid"] = M.frechet_distance(local["feats_real"].numpy(), local["feats_fake"].numpy())
     report.update({f"retrieval_{k}": v for k, v in M.recall_at_k(local["img"], local["txt"]).items()})
+    if local["labels"] is not None and not (local["labels"] >= 0).any():
+        local["labels"] = None
     if classnames and local["labels"] is not None and tokenizer is not None:
         cls = class_embeddings(model, tokenizer, classnames, templates, device).cpu()
         report.update({f"zeroshot_{k}": v for k, v in M.zero_shot_topk(local["img"], cls, local["labels"]).items()})

@@ -83,7 +83,11 @@ def inception_feature_extractor(weights_path: str):
 
 
 def recall_at_k(image_emb: torch.Tensor, text_emb: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> Dict[str, float]:
-    """Image->text and text->image recall@K where pair i matches i (embeddings are L2-normalised here)."""
+    """Image->text and text->image recall@K where pair i matches i (embeddings are L2-normalised here). Ties
+    count against the correct item (a collapsed tower scores chance, not 1.0); non-finite embeddings (a
+    diverged model) give NaN."""
+    if not (torch.isfinite(image_emb).all() and torch.isfinite(text_emb).all()):
+        return {f"{name}_R@{k}": float("nan") for name in ("i2t", "t2i") for k in ks}
     a = F.normalize(image_emb.float(), dim=-1)
     b = F.normalize(text_emb.float(), dim=-1)
     sim = a @ b.t()
@@ -91,9 +95,9 @@ def recall_at_k(image_emb: torch.Tensor, text_emb: torch.Tensor, ks: Sequence[in
     target = torch.arange(n, device=sim.device)
     out = {}
     for name, s in (("i2t", sim), ("t2i", sim.t())):
-        # rank of the correct item = number of items scored strictly higher
+        # rank of the correct item = number of other items scored at least as high
         correct = s[target, target][:, None]
-        rank = (s > correct).sum(1)
+        rank = (s >= correct).sum(1) - 1
         for k in ks:
             out[f"{name}_R@{k}"] = float((rank < k).float().mean())
     return out
@@ -101,7 +105,12 @@ def recall_at_k(image_emb: torch.Tensor, text_emb: torch.Tensor, ks: Sequence[in
 
 def zero_shot_topk(image_emb: torch.Tensor, class_emb: torch.Tensor, labels: torch.Tensor,
                    ks: Sequence[int] = (1, 5)) -> Dict[str, float]:
-    """Top-K accuracy of classifying images by cosine similarity to per-class text embeddings."""
+    """Top-K accuracy of classifying images by cosine similarity to per-class text embeddings, over the images
+    that have a label (``labels >= 0``)."""
+    keep = labels >= 0
+    image_emb, labels = image_emb[keep], labels[keep]
+    if labels.numel() == 0:
+        raise ValueError("no image has a class label (.cls) for zero-shot classification")
     sim = F.normalize(image_emb.float(), dim=-1) @ F.normalize(class_emb.float(), dim=-1).t()
     out = {}
     for k in ks:

@@ -46,6 +46,8 @@ class RunSpec:
             if not m:
                 raise ValueError(f"run spec {text!r}: unknown part {p!r}; use tpN, ppN, zeroN, mbN")
             setattr(spec, {"mb": "micro_batch"}.get(m.group(1), m.group(1)), int(m.group(2)))
+        if min(spec.tp, spec.pp) < 1 or (spec.micro_batch is not None and spec.micro_batch < 1):
+            raise ValueError(f"run spec {text!r}: tp, pp and mb must be >= 1")
         if spec.processes < 1 or spec.processes % (spec.tp * spec.pp):
             raise ValueError(f"run spec {text!r}: {spec.processes} processes are not divisible by TP x PP")
         return spec

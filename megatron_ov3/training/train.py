@@ -423,7 +423,7 @@ def _evaluate(engine, args, cfg, iteration, device, writer):
     if ps.get_pipeline_model_parallel_world_size() > 1:
         log0("note: in-training evaluation is skipped under pipeline parallelism; run tools/evaluate.py on a checkpoint")
         return
-    data = DataIterator(DataConfig(data_path=args.eval_data_path, tokenizer=args.tokenizer, epochs=1,
+    data = DataIterator(DataConfig(data_path=args.eval_data_path, tokenizer=args.tokenizer, epochs=1, drop_last=False,
                                    micro_batch_size=args.micro_batch_size, image_size=args.image_size, num_workers=0,
                                    shuffle_buffer=0, seed=args.seed, text_length=cfg.text_context_length,
                                    caption_length=cfg.caption_length),

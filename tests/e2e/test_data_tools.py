@@ -58,6 +58,18 @@ def test_make_shards_from_folder(images, tmp_path):
                         "--output-dir", tmp_path / "r", "--samples-per-shard", 3, "--no-progress")
     assert rc == 0, err
     assert json.loads((tmp_path / "r" / "stats.json").read_text())["written"] == 9
+    # a truncated input shard: its readable samples are kept and the damage is counted, not silently dropped
+    raw = (tmp_path / "o" / "shard-00001.tar").read_bytes()
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "shard-00000.tar").write_bytes((tmp_path / "o" / "shard-00000.tar").read_bytes())
+    (cut / "shard-00001.tar").write_bytes(raw[: len(raw) // 2])
+    rc, out, err = tool("make_shards.py", "--input-shards", str(cut / "shard-{00000..00001}.tar"),
+                        "--output-dir", tmp_path / "c", "--samples-per-shard", 3, "--no-progress")
+    assert rc == 0, err
+    stats = json.loads((tmp_path / "c" / "stats.json").read_text())
+    assert 4 <= stats["written"] < 8 and stats["skipped"].get("bad_shard") == 1, stats
+    assert stats["bad_input_shards"] == [str(cut / "shard-00001.tar")] and "bad_shard" in out
 
 
 def test_make_shards_from_table(images, tmp_path):
@@ -118,3 +130,6 @@ def test_tool_bad_inputs(tmp_path):
     rc, _, err = tool("cache_latents.py", "--data-path", tmp_path / "x.tar", "--output-dir", tmp_path / "o",
                       "--image-size", 30, "--tiny-vae")
     assert_usage_error(rc, err, "not a multiple of 16")
+    rc, _, err = tool("cache_latents.py", "--data-path", tmp_path / "x.tar", "--output-dir", tmp_path / "o",
+                      "--image-size", 32, "--tiny-vae", "--batch-size", 0)
+    assert_usage_error(rc, err, "--batch-size must be >= 1")

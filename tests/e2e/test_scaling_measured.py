@@ -48,5 +48,9 @@ def test_measured_mode_usage_errors(tmp_path):
     assert r.returncode == 2 and "not divisible by TP x PP" in r.stderr
     r = _tool("scaling_study.py", "--model-size", "tiny", "--measure", "2:fast", timeout=120)
     assert r.returncode == 2 and "unknown part 'fast'" in r.stderr
+    r = _tool("scaling_study.py", "--model-size", "tiny", "--measure", "4:tp0", timeout=120)
+    assert r.returncode == 2 and "tp, pp and mb must be >= 1" in r.stderr
+    r = _tool("scaling_study.py", "--model-size", "tiny", "--global-batch-size", 0, timeout=120)
+    assert r.returncode == 2 and "--global-batch-size must be >= 1" in r.stderr
     r = _tool("scaling_study.py", "--calibrate", tmp_path / "none.json", timeout=120)
     assert r.returncode == 2 and "write it with tools/benchmark.py --json" in r.stderr

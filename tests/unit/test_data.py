@@ -47,6 +47,19 @@ def test_one_epoch_two_ranks_two_workers_sees_every_sample_once(data):
     assert sum(seen.values()) == 96
 
 
+def test_evaluation_keeps_partial_batches(data):
+    """drop_last=False (evaluation): a micro batch that does not divide a worker's share still covers every
+    held-out sample exactly once; training's default drops each worker's remainder."""
+    spec, tok = data
+    for drop_last, want in ((False, 96), (True, 4 * 4 * 5)):  # 4 (rank, worker) slots of 24 samples; 4 full batches
+        seen = Counter()
+        for rank in range(2):
+            for batch in DataIterator(_cfg(spec, tok, epochs=1, micro_batch_size=5, drop_last=drop_last), rank, 2):
+                seen.update(batch["noise_seeds"].tolist())
+        assert sum(seen.values()) == want and all(c == 1 for c in seen.values())
+    assert set(seen) <= _all_ids(spec)
+
+
 def test_tensor_parallel_ranks_get_identical_batches(data):
     spec, tok = data
     a, b = DataIterator(_cfg(spec, tok), 1, 2), DataIterator(_cfg(spec, tok), 1, 2)
@@ -85,14 +98,59 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, data):
     _, tok = data
     write_synthetic_shards(str(tmp_path), 60, samples_per_shard=15, image_size=32, seed=2, corrupt_every=5)
     (tmp_path / "synthetic-00004.tar").write_bytes(b"this is not a tar file" * 100)
-    spec = str(tmp_path / "synthetic-{00000..00004}.tar") + "::" + str(tmp_path / "missing-{0..1}.tar")
-    it = DataIterator(_cfg(spec, tok, epochs=1, num_workers=1, micro_batch_size=1, data_weights=[1, 1]), 0, 1)
+    spec = str(tmp_path / "synthetic-{00000..00006}.tar")  # 00005 and 00006 do not exist
+    it = DataIterator(_cfg(spec, tok, epochs=1, num_workers=1, micro_batch_size=1), 0, 1)
     n = sum(1 for _ in it)
     bad = it.bad_counts()
     assert n == 48
     assert bad["bad_image"] == 4 and bad["empty_caption"] == 4 and bad["missing_caption"] == 4
     assert bad["bad_shard"] == 3  # the garbage tar and the two missing files
     assert set(bad) == set(REASONS)
+
+
+def test_no_usable_shard_is_an_error_not_a_hang(tmp_path, data):
+    """A mistyped --data-path (no shard exists) fails at once; shards that exist but hold nothing stop an endless
+    stream with an error instead of spinning forever."""
+    import tarfile
+
+    _, tok = data
+    with pytest.raises(FileNotFoundError, match="none of the 2 shards of source 1 exists"):
+        next(DataIterator(_cfg(str(tmp_path / "typo-{0..1}.tar"), tok, num_workers=1), 0, 1))
+    for i in range(2):
+        tarfile.open(tmp_path / f"empty-{i}.tar", "w").close()
+    for resample in (False, True):
+        it = DataIterator(_cfg(str(tmp_path / "empty-{0..1}.tar"), tok, num_workers=1, resample=resample), 0, 1)
+        with pytest.raises(ValueError, match="gave no sample"):
+            next(it)
+
+
+def test_image_modes_decode_to_the_right_pixels():
+    """16-bit grey is scaled, not clipped; transparency is composited onto white (as HF processors do)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from megatron_ov3.data.pipeline import collate, decode_image
+
+    def png(im):
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        return buf.getvalue()
+
+    grey16 = Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16))
+    assert grey16.mode.startswith("I")
+    assert decode_image(png(grey16), 8).abs().max() < 0.01  # mid-grey -> ~0 in [-1, 1]
+    clear = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    assert torch.allclose(decode_image(png(clear), 8), torch.ones(3, 8, 8))
+    half = Image.new("LA", (8, 8), (0, 128))
+    assert decode_image(png(half), 8).mean().item() == pytest.approx(127 / 127.5 - 1, abs=0.01)
+    opaque = Image.new("RGB", (8, 8), (255, 0, 0))
+    x = decode_image(png(opaque), 8)
+    assert x[0].min() == 1 and x[1].max() == -1
+    # a batch from mixed sources: the samples without a class label get -1
+    b = collate([{"x": torch.zeros(2), "labels": torch.tensor(3)}, {"x": torch.ones(2)}])
+    assert b["labels"].tolist() == [3, -1] and b["x"].shape == (2, 2)
 
 
 def test_too_few_shards_is_a_clear_error(data):

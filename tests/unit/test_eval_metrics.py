@@ -2,6 +2,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from megatron_ov3.eval import metrics as M
@@ -35,6 +36,23 @@ def test_recall_identical_embeddings_is_one():
     assert all(v == 1.0 for v in r.values())
     shuffled = M.recall_at_k(e, e[torch.arange(19, -1, -1)])
     assert shuffled["i2t_R@1"] < 0.2
+
+
+def test_recall_degenerate_embeddings_score_chance_or_nan():
+    n = 20
+    collapsed = M.recall_at_k(torch.ones(n, 8), torch.randn(n, 8))  # every image embedding identical
+    assert collapsed["t2i_R@1"] == 0.0 and collapsed["i2t_R@10"] == pytest.approx(0.5)
+    assert all(v == 0.0 for k, v in M.recall_at_k(torch.randn(n, 8), torch.zeros(n, 8)).items() if "R@1" in k)
+    diverged = M.recall_at_k(torch.full((n, 8), float("nan")), torch.randn(n, 8))
+    assert all(math.isnan(v) for v in diverged.values())
+
+
+def test_zero_shot_ignores_unlabelled_images():
+    cls = torch.eye(4)
+    img = torch.eye(4)[[0, 1, 2, 3]] + 0.01
+    assert M.zero_shot_topk(img, cls, torch.tensor([0, -1, 2, -1]), ks=(1,))["top1"] == 1.0
+    with pytest.raises(ValueError, match="no image has a class label"):
+        M.zero_shot_topk(img, cls, torch.full((4,), -1), ks=(1,))
 
 
 def test_zero_shot_topk():
