@@ -11,6 +11,7 @@ Invalid values raise :class:`ConfigError` (a ``ValueError``) whose message names
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -246,3 +247,10 @@ class LayerImplConfig:
             f"recompute_granularity {self.recompute_granularity!r} unknown; use full or selective",
         )
         _require(self.recompute_num_layers >= 1, "recompute_num_layers must be >= 1")
+
+
+def pixel_loss_samples(fraction: float, batch: int) -> int:
+    """How many samples of a micro batch of ``batch`` the pixel loss decodes: ceil(fraction x batch), with
+    float noise removed (0.07 x 100 is 7, not 8), at least 1. The model, the FLOP count and the benchmark share
+    it."""
+    return max(1, math.ceil(round(fraction * batch, 6)))

@@ -23,7 +23,7 @@ from megatron.core.enums import ModelType
 from torch import nn
 
 from ..losses import contrastive_loss, l1
-from .config import LayerImplConfig, OV3Config
+from .config import LayerImplConfig, OV3Config, pixel_loss_samples
 from .decoder import LatentDecoder
 from .encoder import EncoderOutput, LatentViTEncoder
 from .lpips import LPIPS
@@ -135,7 +135,7 @@ class OV3Model(nn.Module):
         if cfg.pixel_l1_weight > 0 or cfg.lpips_weight > 0:
             if self.vae is None:
                 raise ValueError("the pixel loss needs the VAE decoder; pass vae=FrozenVAE(...) or set pixel_l1_weight 0")
-            k = math.ceil(cfg.pixel_loss_fraction * z_hat.shape[0])  # all of them unless a deviation is asked
+            k = pixel_loss_samples(cfg.pixel_loss_fraction, z_hat.shape[0])  # all unless a deviation is asked
             x_hat = self.vae.decode(z_hat[:k])
             x = batch.get("images")
             if x is None:  # latent shards carry no pixels: the target is the VAE's own reconstruction

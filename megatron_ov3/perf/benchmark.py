@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import copy
 import datetime
-import math
 import platform
 import resource
 import time
@@ -45,7 +44,8 @@ import torch.nn.functional as F
 
 from ..converters import apply_converters
 from ..models import FrozenVAE, LayerImplConfig, VAEDecodeConfig, build_model, get_config
-from ..training.flops import _tower_fwd, _vae_fwd_flops, step_flops_per_sample
+from ..models.config import pixel_loss_samples
+from ..training.flops import _tower_fwd, step_flops_per_sample, vae_fwd_flops
 
 
 @dataclass
@@ -286,7 +286,8 @@ class Bench:
         opt = _optimizer(model.parameters(), dev, fused=True)
         _reset_peak(dev)
         t = timed(_train_step(model, opt, batch), bc.steps, bc.warmup, dev)
-        flops = step_flops_per_sample(self.cfg, bc.image_size, vae, encode_in_step=bc.input == "images")
+        flops = step_flops_per_sample(self.cfg, bc.image_size, self.vae, encode_in_step=bc.input == "images",
+                                      micro_batch=bc.micro_batch)
         self._record(name, t, bc.micro_batch, flops["total"], {"flops_per_image": flops})
         if breakdown:
             self.results[name]["parts"] = self._parts(model, opt, batch)
@@ -305,7 +306,7 @@ class Bench:
         opt = _optimizer(model.parameters(), dev, fused=False)
         _reset_peak(dev)
         t = timed(_train_step(model, opt, batch), bc.steps, bc.warmup, dev)
-        flops = step_flops_per_sample(cfg, bc.image_size, self.vae, encode_in_step=True)
+        flops = step_flops_per_sample(cfg, bc.image_size, self.vae, encode_in_step=True, micro_batch=bc.micro_batch)
         self._record("naive", t, bc.micro_batch, flops["total"], {"flops_per_image": flops})
         del model, opt, vae
 
@@ -366,7 +367,7 @@ class Bench:
 
         _reset_peak(dev)
         t = timed(step, bc.steps, bc.warmup, dev)
-        _, dec = _vae_fwd_flops(id(self.vae), bc.image_size, self.vae)
+        _, dec = vae_fwd_flops(self.vae, bc.image_size)
         self._record(name, t, bc.micro_batch, 2.0 * dec)
         del vae
 
@@ -374,7 +375,6 @@ class Bench:
     def _parts(self, model, opt, batch) -> Dict[str, float]:
         bc, dev = self.bc, self.device
         cfg = self.cfg
-        ac = lambda: _autocast(dev, bc.bf16)  # noqa: E731
         n, w = bc.steps, bc.warmup
         out: Dict[str, float] = {}
         z = self.batch["latents"]
@@ -384,9 +384,8 @@ class Bench:
             out[name + "_s"] = timed(fn, n, w, dev)["mean_s"]
 
         if bc.input == "images":
-            def vae_encode():
-                with ac():
-                    model.vae.encode(images)
+            def vae_encode():  # as the step runs it: at the VAE's own dtype (the decode options are decode-only)
+                model.vae.encode(images)
             part("vae_encode", vae_encode)
         with torch.no_grad():
             tokens = model.encoder(z).tokens.detach()
@@ -399,7 +398,7 @@ class Bench:
         def decoder():
             model.latent_decoder(tokens, batch["noise_seeds"]).float().mean().backward()
 
-        k = math.ceil(cfg.pixel_loss_fraction * z.shape[0])
+        k = pixel_loss_samples(cfg.pixel_loss_fraction, z.shape[0])
         zk = z_hat[:k].clone().requires_grad_(True)
 
         def vae_decode():  # the VAE's own decode options (autocast, channels-last, compile) apply inside
@@ -495,7 +494,7 @@ class Bench:
         peak = r["matmul"]["tflops"]
         for name, v in r.items():
             if isinstance(v, dict) and "tflops_per_s" in v:
-                devices = 1 if name.startswith("bare_vit") else tp
+                devices = 1 if name.startswith(("bare_vit", "vae_decode")) else tp  # not split by TP
                 v["devices"] = devices
                 v["mfu_vs_matmul"] = v["tflops_per_s"] / (peak * devices)
                 if self.bc.peak_tflops:

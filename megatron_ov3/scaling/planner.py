@@ -168,7 +168,7 @@ def estimate(cfg: OV3Config, image_size: int, global_batch: int, world: int, lay
     t_compute = transformer * recompute_factor * share / (peak * eff) + hw.microbatch_overhead_s * lay.grad_accum
     # the frozen VAE (encode + decode with grad) of the replica's whole batch: it is not split by tensor
     # parallelism (every TP rank runs it on the full micro-batch) and under pipelining the last stage does it all
-    vae_flops = _vae_flops_per_image(image_size, vae) * global_batch / lay.dp
+    vae_flops = _vae_flops_per_image(image_size, vae, cfg.pixel_loss_fraction) * global_batch / lay.dp
     t_vae = vae_flops * share / (hw.peak_tflops_bf16 * 1e12 * hw.vae_tflops_fraction)
     # tensor-parallel all-reduces: 4 per layer per micro-batch (2 fwd, 2 bwd), ring over NVLink
     n_tok = (image_size // cfg.pixels_per_token) ** 2
@@ -190,13 +190,14 @@ def estimate(cfg: OV3Config, image_size: int, global_batch: int, world: int, lay
     return Estimate(lay, mem, times, global_batch / step, fits)
 
 
-def _vae_flops_per_image(image_size: int, vae: str = "flux") -> float:
-    """Frozen-VAE FLOPs of one training sample: encode + decode forward + decode backward to the input (~1x
-    forward), counted for the FLUX.1 architecture or the toy VAE (training/flops.py)."""
+def _vae_flops_per_image(image_size: int, vae: str = "flux", pixel_loss_fraction: float = 1.0) -> float:
+    """Frozen-VAE FLOPs of one training sample with image input: encode + (decode forward + decode backward to
+    the input, ~1x forward) for the pixel-loss share of the batch, counted for the FLUX.1 architecture or the
+    toy VAE (training/flops.py)."""
     from ..training.flops import flux_vae_flops, tiny_vae_flops
 
     enc, dec = flux_vae_flops(image_size) if vae == "flux" else tiny_vae_flops(image_size)
-    return enc + 2 * dec
+    return enc + 2 * dec * pixel_loss_fraction
 
 
 def layouts(cfg: OV3Config, world: int, global_batch: int, gpus_per_node: int,

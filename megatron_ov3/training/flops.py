@@ -12,10 +12,11 @@ encode = 1x forward (no grad); decode for the pixel loss = forward + backward to
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 
-from ..models.config import OV3Config, TowerConfig
+from ..models.config import OV3Config, TowerConfig, pixel_loss_samples
 from ..models.text import padded_vocab_size
 
 
@@ -41,34 +42,47 @@ def model_flops_per_sample(cfg: OV3Config, image_size: int) -> dict:
     return {k: 3.0 * v for k, v in fwd.items()}
 
 
-@functools.lru_cache(maxsize=8)
-def _vae_fwd_flops(vae_id: int, image_size: int, vae) -> tuple:
+_VAE_FLOPS: dict = {}
+
+
+def vae_fwd_flops(vae, image_size: int) -> tuple:
+    """(encode, decode) forward FLOPs per image of ``vae`` (a FrozenVAE), measured once per VAE architecture
+    and resolution (the cache keys on the architecture, so it keeps no VAE alive)."""
+    import json
+
     from torch.utils.flop_counter import FlopCounterMode
 
-    dev = next(vae.vae.parameters()).device
-    x = torch.zeros(1, 3, image_size, image_size, device=dev, dtype=vae.dtype)
-    with torch.no_grad():
-        with FlopCounterMode(display=False) as enc:
-            z = vae.vae.encode(x).latent_dist.mean
-        with FlopCounterMode(display=False) as dec:
-            vae.vae.decode(z)
-    return float(enc.get_total_flops()), float(dec.get_total_flops())
+    key = (json.dumps(dict(vae.vae.config), sort_keys=True, default=str), image_size)
+    if key not in _VAE_FLOPS:
+        dev = next(vae.vae.parameters()).device
+        x = torch.zeros(1, 3, image_size, image_size, device=dev, dtype=vae.dtype)
+        with torch.no_grad():
+            with FlopCounterMode(display=False) as enc:
+                z = vae.vae.encode(x).latent_dist.mean
+            with FlopCounterMode(display=False) as dec:
+                vae.vae.decode(z)
+        _VAE_FLOPS[key] = (float(enc.get_total_flops()), float(dec.get_total_flops()))
+    return _VAE_FLOPS[key]
 
 
-def step_flops_per_sample(cfg: OV3Config, image_size: int, vae=None, encode_in_step: bool = True) -> dict:
+def step_flops_per_sample(cfg: OV3Config, image_size: int, vae=None, encode_in_step: bool = True,
+                          micro_batch: Optional[int] = None) -> dict:
     """All FLOPs of one training step per sample, by part, including the VAE when given. ``encode_in_step``
     False: latent input (latent shards), so no VAE encode, but the pixel-loss target is the VAE's decode of
-    the given latents (one more decoder forward, no grad). The decode terms scale with
-    ``cfg.pixel_loss_fraction``."""
+    the given latents (one more decoder forward, no grad). The decode terms scale with the share of the micro
+    batch the pixel loss decodes (``cfg.pixel_loss_fraction``, rounded up to whole samples of ``micro_batch``
+    when given, as the model does)."""
     parts = model_flops_per_sample(cfg, image_size)
     if vae is not None:
-        enc, dec = _vae_fwd_flops(id(vae), image_size, vae)
+        enc, dec = vae_fwd_flops(vae, image_size)
+        share = (cfg.pixel_loss_fraction if micro_batch is None
+                 else pixel_loss_samples(cfg.pixel_loss_fraction, micro_batch) / micro_batch)
         if encode_in_step:
             parts["vae_encode"] = enc
         if cfg.pixel_l1_weight > 0 or cfg.lpips_weight > 0:
-            parts["vae_decode"] = 2.0 * dec * cfg.pixel_loss_fraction
+            parts["vae_decode"] = 2.0 * dec * share
             if not encode_in_step:
-                parts["vae_decode_target"] = dec * cfg.pixel_loss_fraction
+                parts["vae_decode_target"] = dec * share
     parts["total"] = sum(parts.values())
     return parts
 
@@ -97,5 +111,4 @@ def tiny_vae_flops(image_size: int) -> tuple:
     """(encode, decode) forward FLOPs per image of the toy VAE (``FrozenVAE.tiny``) of CPU runs."""
     from ..models.vae import FrozenVAE
 
-    vae = FrozenVAE.tiny()
-    return _vae_fwd_flops(id(vae), image_size, vae)
+    return vae_fwd_flops(FrozenVAE.tiny(), image_size)

@@ -274,7 +274,8 @@ def run(args) -> int:
 
         if iteration % args.log_interval == 0 or iteration == total_iters:
             if flops is None:
-                flops = step_flops_per_sample(cfg, args.image_size, vae, encode_in_step=not latent_input)
+                flops = step_flops_per_sample(cfg, args.image_size, vae, encode_in_step=not latent_input,
+                                              micro_batch=plan.micro_batch_size)
             vec = torch.tensor([sums.get(k, 0.0) for k in sorted(sums)] + [float(n_logged)], device=device,
                                dtype=torch.float64)
             dist.all_reduce(vec, group=ps.get_data_parallel_group())

@@ -105,6 +105,20 @@ def test_pixel_loss_fraction_decodes_a_prefix_of_the_batch(mp1):
     torch.testing.assert_close(out_half["pixel_l1"], l1(x_hat[:2], batch["images"][:2]))
 
 
+def test_pixel_loss_share_is_counted_in_whole_samples():
+    """The model decodes ceil(f x B) samples; the FLOP count uses the same share (0.1 of 4 is 1 sample = 25%)
+    and float noise does not add a sample (0.07 x 100 is 7)."""
+    from megatron_ov3.models.config import pixel_loss_samples
+    from megatron_ov3.training.flops import step_flops_per_sample
+
+    assert [pixel_loss_samples(f, b) for f, b in ((0.1, 4), (0.07, 100), (0.5, 4), (1.0, 8), (0.01, 3))] == \
+        [1, 7, 2, 8, 1]
+    vae = FrozenVAE.tiny()
+    full = step_flops_per_sample(get_config("tiny", image_size=32), 32, vae, micro_batch=4)
+    tenth = step_flops_per_sample(get_config("tiny", image_size=32, pixel_loss_fraction=0.1), 32, vae, micro_batch=4)
+    assert tenth["vae_decode"] == pytest.approx(0.25 * full["vae_decode"], rel=1e-12)
+
+
 def test_vae_encode_is_scaled_posterior_mean(mp1):
     vae = FrozenVAE.tiny()
     x = torch.rand(2, 3, 32, 32) * 2 - 1
