@@ -167,7 +167,7 @@ def validate(args, world_size: int) -> None:
                                  f"--tensor-model-parallel-size {tp}; adjust --register-tokens or --image-size")
     if (args.train_iters is None) == (args.train_samples is None):
         raise UsageError("give exactly one of --train-iters and --train-samples")
-    if (args.train_iters or 1) < 1 or (args.train_samples or 1) < 1:
+    if any(v is not None and v < 1 for v in (args.train_iters, args.train_samples)):
         raise UsageError("--train-iters / --train-samples must be >= 1")
     if args.save_interval is not None and args.save_interval < 1:
         raise UsageError("--save-interval must be >= 1")

@@ -129,6 +129,8 @@ def test_usage_errors_exit_2(dataset, tmp_path):
     assert r.returncode == 2 and "invalid choice: 5" in r.stderr
     r = run(*base, "--micro-batch-size", 4, "--global-batch-size", 8, "--save-interval", 2)
     assert r.returncode == 2 and "--save-interval needs --save" in r.stderr
+    r = run(*base[:-1], "0", "--micro-batch-size", 4, "--global-batch-size", 8)
+    assert r.returncode == 2 and "--train-iters / --train-samples must be >= 1" in r.stderr, r.stderr
     r = run(*base, "--micro-batch-size", 4, "--global-batch-size", 8, "--sequence-parallel")
     assert r.returncode == 2 and "--sequence-parallel needs --tensor-model-parallel-size > 1" in r.stderr
     init = tmp_path / "imported"
