@@ -7,6 +7,7 @@ norm must equal the single-process run within 1e-5. Runs go through the real Dee
 """
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -82,6 +83,9 @@ def test_layout_matches_single_process(name, init, reference, tmp_path):
     port = 29700 + list(LAYOUTS).index(name)
     got, out = _run(nproc, port, tmp_path / "m.jsonl", "--train-iters", 3, "--init-universal", init, *flags)
     _assert_same(reference, got)
+    # the parameter count in the log is real under every layout (ZeRO-3 empties the partitioned tensors)
+    counts = [int(c.replace(",", "")) for c in re.findall(r"([\d,]+) trainable params", out)]
+    assert counts and min(counts) > 0, out[-2000:]
 
 
 def test_pipeline_with_accumulation_matches_single_process(init, tmp_path):

@@ -96,3 +96,5 @@ def test_benchmark_tensor_parallel_through_launcher(tmp_path):
     assert rep["layout"] == {"tensor_parallel": 2, "data_parallel": 1}
     v = rep["results"]["ov3"]
     assert v["devices"] == 2 and math.isclose(v["mfu_vs_matmul"], v["tflops_per_s"] / (2 * rep["results"]["matmul"]["tflops"]))
+    d = rep["results"]["vae_decode"]  # each TP rank decodes the whole micro batch itself: per-device MFU
+    assert d["devices"] == 1 and math.isclose(d["mfu_vs_matmul"], d["tflops_per_s"] / rep["results"]["matmul"]["tflops"])

@@ -119,6 +119,21 @@ def test_pixel_loss_share_is_counted_in_whole_samples():
     assert tenth["vae_decode"] == pytest.approx(0.25 * full["vae_decode"], rel=1e-12)
 
 
+def test_vae_flop_count_is_cached_without_keeping_the_vae():
+    import gc
+    import weakref
+
+    from megatron_ov3.training.flops import vae_fwd_flops
+
+    vae = FrozenVAE.tiny()
+    first = vae_fwd_flops(vae, 32)
+    ref = weakref.ref(vae)
+    del vae
+    gc.collect()
+    assert ref() is None  # the cache holds numbers, not the VAE
+    assert vae_fwd_flops(FrozenVAE.tiny(seed=5), 32) == first  # same architecture: same count
+
+
 def test_vae_encode_is_scaled_posterior_mean(mp1):
     vae = FrozenVAE.tiny()
     x = torch.rand(2, 3, 32, 32) * 2 - 1

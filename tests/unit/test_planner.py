@@ -90,6 +90,15 @@ def test_plan_ranks_fitting_layouts():
     assert not estimate(cfg, 256, 4096, 8, lay, Hardware()).fits  # 20 bytes/param + activations > 72 GB
 
 
+def test_vae_time_follows_the_pixel_loss_fraction():
+    from megatron_ov3.scaling.planner import _vae_flops_per_image
+    from megatron_ov3.training.flops import flux_vae_flops
+
+    enc, dec = flux_vae_flops(256)
+    assert _vae_flops_per_image(256) == enc + 2 * dec
+    assert _vae_flops_per_image(256, pixel_loss_fraction=0.25) == enc + 0.5 * dec
+
+
 def test_cli_outputs_and_bad_profile(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "scaling_study.py"), "--model-size", "B",
                         "--nodes", "1", "4", "--output", str(tmp_path)], capture_output=True, text=True, timeout=300,
