@@ -6,7 +6,7 @@ hooks and export are unaffected. Layers of one tower share code and shapes, so d
 tower and reuses it for every layer. Compiling per layer rather than the whole ``TransformerBlock`` keeps
 megatron's recomputation and pipeline logic outside the compiled graphs; a measurement on an H100 found
 compiling the whole block slower than eager (``../shared/notes/cpu-and-gpu-facts.md``) - whether per-layer
-compile helps is for ``tools/benchmark.py --compile-layers`` to say on the target GPU.
+compile helps is for ``tools/benchmark.py --torch-compile`` to say on the target GPU.
 """
 from __future__ import annotations
 

@@ -121,8 +121,8 @@ def convert_to_float8(model: torch.nn.Module, fmt: str, emulate: bool = False,
     writes into them in place.
 
     ``emulate``: quantise as FP8 but multiply in high precision (CPU, GPUs before sm_89); without it the
-    ``device`` must have FP8 GEMMs. ``config``: a torchao ``Float8LinearConfig`` used instead of ``fmt``'s (tests pass one with scaling
-    disabled, which makes the GEMMs exact and isolates the communication)."""
+    ``device`` must have FP8 GEMMs. ``config``: a torchao ``Float8LinearConfig`` used instead of ``fmt``'s
+    (tests pass one with scaling disabled, which makes the GEMMs exact and isolates the communication)."""
     if not torchao_available():
         raise Float8Unavailable("--fp8-format without Transformer Engine needs torchao; pip install torchao "
                                 "(or install Transformer Engine and use --transformer-impl te)")

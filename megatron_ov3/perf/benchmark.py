@@ -260,6 +260,11 @@ class Bench:
         """megatron-core's local spec with its unfused softmax attention; no FP8, no compile, no recomputation."""
         return self._impl(backend="local", attention="unfused", fp8=None, compile=False, recompute_granularity=None)
 
+    def _vae(self, decode: VAEDecodeConfig, bf16_weights: bool = False):
+        """A copy of the benchmark's VAE with these decode options (``self.vae`` stays plain for the baselines)."""
+        vae = copy.deepcopy(self.vae).configure_decode(decode)
+        return vae.to(torch.bfloat16) if bf16_weights else vae
+
     def _model(self, cfg, impl, vae):
         model = build_model(cfg, impl, vae=vae).to(self.device, self.dtype)
         apply_converters(model, impl, self.device)  # torchao float8 / per-layer compile, as training does
@@ -278,7 +283,7 @@ class Bench:
     def fast_step(self, name: str = "ov3", breakdown: Optional[bool] = None, **impl_overrides):
         bc, dev = self.bc, self.device
         breakdown = bc.breakdown if breakdown is None else breakdown
-        vae = copy.deepcopy(self.vae).configure_decode(bc.vae_decode)  # self.vae stays plain for the baselines
+        vae = self._vae(bc.vae_decode)
         model = self._model(self.cfg, self._impl(**impl_overrides), vae)
         batch = {k: v for k, v in self.batch.items() if not (bc.input == "latents" and k == "images")}
         if bc.input == "images":
@@ -298,9 +303,7 @@ class Bench:
     def naive_step(self):
         bc, dev = self.bc, self.device
         cfg = get_config(bc.size, image_size=bc.image_size)  # full pixel loss
-        vae = copy.deepcopy(self.vae).configure_decode(VAEDecodeConfig())
-        if bc.bf16:
-            vae.to(torch.bfloat16)
+        vae = self._vae(VAEDecodeConfig(), bf16_weights=bc.bf16)
         model = self._model(cfg, self._baseline_impl(), vae)
         batch = {k: v for k, v in self.batch.items() if k != "latents"}
         opt = _optimizer(model.parameters(), dev, fused=False)
@@ -355,9 +358,7 @@ class Bench:
     def vae_decode(self, name: str, decode: VAEDecodeConfig, bf16_weights: bool):
         """Decode the micro batch's latents and backpropagate to them (the VAE is frozen: no weight grads)."""
         bc, dev = self.bc, self.device
-        vae = copy.deepcopy(self.vae).configure_decode(decode)
-        if bf16_weights:
-            vae.to(torch.bfloat16)
+        vae = self._vae(decode, bf16_weights)
         z = self.batch["latents"].clone().to(torch.bfloat16 if bf16_weights else torch.float32)
         z.requires_grad_(True)
 
@@ -437,7 +438,7 @@ class Bench:
             raise ValueError("--find-max-micro-batch runs in one process (an OOM on one rank would leave the others "
                              "waiting in a collective); run it without the launcher")
         bc, dev = self.bc, self.device
-        vae = copy.deepcopy(self.vae).configure_decode(bc.vae_decode)
+        vae = self._vae(bc.vae_decode)
 
         def fits(b):
             model = opt = None

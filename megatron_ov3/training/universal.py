@@ -55,7 +55,7 @@ def _torch_optimizer(engine):
     return opt
 
 
-def _full_values(engine, param) -> Dict[str, Optional[torch.Tensor]]:
+def _full_values(engine, param, masters: Dict[int, torch.Tensor]) -> Dict[str, Optional[torch.Tensor]]:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     if engine is None or engine is _unwrap(engine):  # a plain module: weights only
@@ -68,7 +68,7 @@ def _full_values(engine, param) -> Dict[str, Optional[torch.Tensor]]:
             out[k] = safe_get_full_optimizer_state(param, k)
         return out
     # ZeRO-0: plain torch optimizer state on the parameter itself, or (bf16) on its fp32 master copy
-    master = _fp32_master(engine, param)
+    master = masters.get(id(param), param)
     state = _torch_optimizer(engine).state.get(master, {})
     out[""] = master.detach().float()
     for k in ADAM_STATES:
@@ -76,17 +76,13 @@ def _full_values(engine, param) -> Dict[str, Optional[torch.Tensor]]:
     return out
 
 
-def _fp32_master(engine, param):
-    """The fp32 master copy DeepSpeed's unfused bf16/fp16 optimizer (ZeRO-0 with --bf16) keeps of ``param``,
-    which is what its torch optimizer updates and holds state for; ``param`` itself otherwise."""
+def _fp32_masters(engine) -> Dict[int, torch.Tensor]:
+    """``id(param) -> fp32 master copy`` that DeepSpeed's unfused bf16/fp16 optimizer (ZeRO-0 with --bf16)
+    keeps, which is what its torch optimizer updates and holds state for; empty for every other optimizer
+    (a parameter is then its own master)."""
     opt = getattr(engine, "optimizer", None)
-    low, high = getattr(opt, "fp16_groups", None), getattr(opt, "fp32_groups", None)
-    if low and high:
-        for lg, hg in zip(low, high):
-            for lp, hp in zip(lg, hg):
-                if lp is param:
-                    return hp
-    return param
+    low, high = getattr(opt, "fp16_groups", None) or [], getattr(opt, "fp32_groups", None) or []
+    return {id(lp): hp for lg, hg in zip(low, high) for lp, hp in zip(lg, hg)}
 
 
 def _step_tensor(step: float, like: torch.Tensor, group: dict) -> torch.Tensor:
@@ -159,12 +155,13 @@ def save_universal(engine, directory: str, meta: dict) -> None:
     model = _unwrap(engine)
     _relink_optimizer_states(engine)
     offsets = _layer_offsets(model)
+    masters = _fp32_masters(engine)
     tensors = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         g = global_name(name, offsets)
-        for k, v in _full_values(engine, p).items():
+        for k, v in _full_values(engine, p, masters).items():
             if v is None:
                 continue
             v = _tp_gather(v.detach().float().cpu(), p)
@@ -219,6 +216,7 @@ def load_universal(engine, directory: str, load_optimizer: bool = True) -> dict:
     meta, handles = read_universal(directory)
     model = _unwrap(engine)
     offsets = _layer_offsets(model)
+    masters = _fp32_masters(engine)
     missing = []
     torch_opt = _torch_optimizer(engine) if load_optimizer else None
     if load_optimizer:
@@ -237,7 +235,7 @@ def load_universal(engine, directory: str, load_optimizer: bool = True) -> dict:
         if value.shape != p.shape:
             raise ValueError(f"universal checkpoint has {g} of shape {tuple(value.shape)}, this model needs "
                              f"{tuple(p.shape)} (different model size?)")
-        master = _fp32_master(engine, p)
+        master = masters.get(id(p), p)
         with torch.no_grad():
             p.data.copy_(value.to(p.dtype))
             if master is not p:  # ZeRO-0 + bf16: the fp32 master is what the next step starts from
