@@ -5,11 +5,7 @@ import argparse
 import sys
 
 
-class UsageError(ValueError):
-    """Bad input from the user (flags, paths, files); reported as one line, exit code 2."""
-
-
-USER_ERRORS = (UsageError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, KeyError)
+from .errors import MissingFile, UsageError  # noqa: F401  (re-exported: tools import them from here)
 
 
 def _shutdown_distributed(barrier: bool) -> None:
@@ -24,12 +20,13 @@ def _shutdown_distributed(barrier: bool) -> None:
 
 
 def run(main, argv=None) -> int:
-    """Call ``main(argv)``; user errors print ``error: <message>`` and return 2. A process group the command
-    created is destroyed before returning."""
+    """Call ``main(argv)``; a :class:`UsageError` prints ``error: <message>`` and returns 2. Any other exception
+    is an internal error and propagates with its traceback. A process group the command created is destroyed
+    before returning."""
     try:
         rc = main(argv)
-    except USER_ERRORS as e:
-        msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    except UsageError as e:
+        msg = str(e)
         print(f"error: {msg.splitlines()[0] if msg else type(e).__name__}", file=sys.stderr)
         _shutdown_distributed(barrier=False)
         return 2

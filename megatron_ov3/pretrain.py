@@ -1,18 +1,24 @@
-"""Entry point: ``python -m megatron_ov3.pretrain [flags]`` (one process per rank; DeepSpeed/torchrun launch it).
-
-``--help`` lists the flags by group; usage errors exit with code 2 and a one-line message.
-"""
+"""Entry point: ``python -m megatron_ov3.pretrain [--config FILE] [flags]`` (one process per rank; DeepSpeed or
+torchrun launch it). ``--help`` lists the flags by section; ``--dry-run`` prints the resolved configuration as
+JSON and exits; usage errors exit with code 2 and a one-line message."""
 import sys
 
 from .cli import run
 
 
 def main(argv=None) -> int:
-    from .training.arguments import build_parser
-    from .training.train import run as train
+    from .config.job import parse_job, world_size
+    from .config.tree import to_json
 
-    args = build_parser().parse_args(argv)
-    return train(args)
+    job, ns = parse_job(argv)
+    world = world_size()
+    if ns.dry_run:
+        job.validate(world)
+        print(to_json(job.to_dict()))
+        return 0
+    from .training.trainer import run as train
+
+    return train(job, world)
 
 
 if __name__ == "__main__":

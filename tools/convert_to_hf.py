@@ -27,11 +27,11 @@ def main(argv=None):
 
     if args.import_open_clip:
         out = convert.import_open_clip(args.import_open_clip, args.output, args.model_size)
-        from megatron_ov3.training.universal import read_meta
+        from megatron_ov3.checkpointing.universal import read_meta
 
         mc = read_meta(out)["model_config"]
         flags = "--class-token"
-        if mc["pos_embed_type"] == "learned":
+        if mc["position_embedding_type"] == "learned":
             flags += f" --position-embedding-type learned --pos-embed-ref-grid {mc['pos_embed_ref_grid']}"
         print(f"imported {args.import_open_clip} -> {out}; train from it with --init-universal {out} {flags} "
               f"(the official OV3 release was trained without a VAE shift: add --vae-shift-factor 0 for it)")

@@ -34,21 +34,16 @@ def main(argv=None):
     from megatron_ov3.data import DataConfig, DataIterator, Tokenizer
     from megatron_ov3.eval.evaluate import DEFAULT_TEMPLATES, evaluate, format_table, read_lines, save_grid
     from megatron_ov3.eval.metrics import inception_feature_extractor
-    from megatron_ov3.export.convert import _vae_for, load_source, resolve_universal
-    from megatron_ov3.models import OV3Config, build_model
+    from megatron_ov3.checkpointing import load_model
     from megatron_ov3.models.lpips import LPIPS
-    from megatron_ov3.training.universal import load_universal
 
-    cfg_dict, _, meta = load_source(args.load, progress=False)
     classnames = read_lines(args.classnames) if args.classnames else None
     templates = read_lines(args.templates) if args.templates else DEFAULT_TEMPLATES
     if any("{}" not in t for t in templates):
         raise UsageError("every template needs a '{}' for the class name")
     parallel.initialize_model_parallel(1, 1, seed=args.seed)  # every rank holds the whole model
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
-    model = build_model(OV3Config.from_dict(cfg_dict), vae=_vae_for(meta, args.vae_path))
-    if not args.untrained:
-        load_universal(model, resolve_universal(args.load), load_optimizer=False)
+    model, _ = load_model(args.load, vae_path=args.vae_path, weights=not args.untrained)
     model.to(device).to_frozen(device)
     tok = Tokenizer(args.tokenizer)
     data = DataIterator(DataConfig(data_path=args.data_path, tokenizer=args.tokenizer, epochs=1, drop_last=False,

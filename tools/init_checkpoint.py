@@ -19,7 +19,7 @@ def main(argv=None):
 
     from megatron_ov3 import parallel
     from megatron_ov3.models import build_model, get_config
-    from megatron_ov3.training.universal import save_universal
+    from megatron_ov3.checkpointing.universal import save_universal
 
     parallel.initialize_model_parallel(1, 1, seed=args.seed)
     kw = {"image_size": args.image_size}

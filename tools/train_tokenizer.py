@@ -3,7 +3,8 @@
 import os
 
 import _bootstrap  # noqa: F401
-from megatron_ov3.cli import Parser, UsageError, exit_with
+from megatron_ov3.cli import Parser, exit_with
+from megatron_ov3.errors import MissingFile, UsageError
 
 
 def _captions_from_shards(spec, limit):
@@ -13,7 +14,7 @@ def _captions_from_shards(spec, limit):
     for source in expand_urls(spec):
         for url in source:
             if not os.path.isfile(url):
-                raise FileNotFoundError(f"shard {url!r} does not exist")
+                raise MissingFile(f"shard {url!r} does not exist")
             for smp in iter_tar_samples(url, lambda *a: None):
                 cap = caption_of(smp)
                 if cap:
@@ -37,7 +38,7 @@ def main(argv=None):
 
     if args.text_file:
         if not os.path.isfile(args.text_file):
-            raise FileNotFoundError(f"--text-file {args.text_file!r} does not exist")
+            raise MissingFile(f"--text-file {args.text_file!r} does not exist")
         texts = open(args.text_file, encoding="utf-8", errors="replace").read().splitlines()
     else:
         texts = list(_captions_from_shards(args.data_path, args.max_sentences))

@@ -24,11 +24,11 @@ def apply_converters(model: torch.nn.Module, impl, device: torch.device) -> List
     """Apply the converters ``impl`` asks for to ``model`` (already on ``device``), in place; returns one
     line per converter applied, for the log. FP8 on a CPU is emulated (FP8 quantisation, fp32 GEMMs)."""
     done = []
-    if impl.fp8 and resolve_backend(impl.backend) == "local":
+    if impl.fp8_format and resolve_backend(impl.transformer_impl) == "local":
         emulate = device.type == "cpu"
-        n = convert_to_float8(model, impl.fp8, emulate=emulate, device=device)
-        done.append(f"fp8-{impl.fp8} (torchao float8{', emulated on CPU' if emulate else ''}): {n} linears")
-    if impl.compile:
+        n = convert_to_float8(model, impl.fp8_format, emulate=emulate, device=device)
+        done.append(f"fp8-{impl.fp8_format} (torchao float8{', emulated on CPU' if emulate else ''}): {n} linears")
+    if impl.torch_compile:
         done.append(f"torch.compile: {compile_layers(model)} transformer layers")
     return done
 

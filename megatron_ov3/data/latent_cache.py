@@ -20,6 +20,7 @@ import torch
 
 from .pipeline import decode_image
 from .shards import ShardWriter, caption_of, encode_latent, expand_urls, image_bytes, iter_tar_samples
+from ..errors import MissingFile, UsageError
 
 
 def cache_latents(data_path: str, out_dir: str, vae, image_size: int, batch_size: int = 32, rank: int = 0,
@@ -29,10 +30,10 @@ def cache_latents(data_path: str, out_dir: str, vae, image_size: int, batch_size
     shards: List[str] = [u for src in expand_urls(data_path) for u in src]
     for u in shards:
         if not os.path.isfile(u):
-            raise FileNotFoundError(f"input shard {u!r} does not exist")
+            raise MissingFile(f"input shard {u!r} does not exist")
     names = [os.path.basename(u) for u in shards]
     if len(set(names)) != len(names):
-        raise ValueError("input shards from different folders share file names; cache each source separately")
+        raise UsageError("input shards from different folders share file names; cache each source separately")
     os.makedirs(out_dir, exist_ok=True)
     _record_normalisation(out_dir, vae, image_size)
     mine = shards[rank::world]
@@ -100,7 +101,7 @@ def _record_normalisation(out_dir: str, vae, image_size: int) -> None:
     if os.path.isfile(path):
         have = json.load(open(path))
         if _difference(have, mine):
-            raise ValueError(f"{out_dir!r} already holds latents made with {have}, this run would add {mine}; "
+            raise UsageError(f"{out_dir!r} already holds latents made with {have}, this run would add {mine}; "
                              f"use another --output-dir")
         return
     tmp = f"{path}.{os.getpid()}.tmp"
@@ -121,5 +122,5 @@ def check_latent_normalisation(data_path: str, vae, image_size: int) -> None:
         diff = _difference(have, mine)
         if diff:
             key, flag = diff
-            raise ValueError(f"latent shards in {folder} were cached with {key}={have[key]}, this run uses "
+            raise UsageError(f"latent shards in {folder} were cached with {key}={have[key]}, this run uses "
                              f"{mine[key]}; set {flag} {have[key]} or re-run tools/cache_latents.py")

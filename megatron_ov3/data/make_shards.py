@@ -8,6 +8,7 @@ from collections import Counter
 from typing import Dict, Iterator, List, Optional, Tuple
 
 from .shards import ShardWriter, caption_of, expand_urls, image_bytes, iter_tar_samples
+from ..errors import MissingFile, UsageError
 
 IMG_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -26,14 +27,14 @@ def _validate_image(data: bytes) -> Optional[Tuple[int, int, str]]:
 def from_folder(folder: str) -> Iterator[Tuple[str, Optional[bytes], Optional[str]]]:
     """(key, image bytes, caption) for every image in ``folder`` (recursive) with a same-named .txt."""
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"input folder {folder!r} does not exist")
+        raise MissingFile(f"input folder {folder!r} does not exist")
     files = []
     for root, _, names in os.walk(folder):
         for n in names:
             if n.lower().endswith(IMG_SUFFIXES):
                 files.append(os.path.join(root, n))
     if not files:
-        raise ValueError(f"input folder {folder!r} contains no .jpg/.jpeg/.png/.webp images")
+        raise UsageError(f"input folder {folder!r} contains no .jpg/.jpeg/.png/.webp images")
     for path in sorted(files):
         txt = os.path.splitext(path)[0] + ".txt"
         caption = open(txt, encoding="utf-8", errors="replace").read() if os.path.isfile(txt) else None
@@ -44,12 +45,12 @@ def from_folder(folder: str) -> Iterator[Tuple[str, Optional[bytes], Optional[st
 def from_table(path: str, path_column: str = "path", caption_column: str = "caption"):
     """(key, image bytes, caption) from a CSV/TSV/parquet of local image paths (relative to the table)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"table {path!r} does not exist")
+        raise MissingFile(f"table {path!r} does not exist")
     if path.endswith(".parquet"):
         try:
             import pyarrow.parquet as pq
         except ImportError:
-            raise ValueError("reading parquet needs pyarrow: pip install pyarrow") from None
+            raise UsageError("reading parquet needs pyarrow: pip install pyarrow") from None
         rows = pq.read_table(path).to_pylist()
         columns = set(rows[0]) if rows else set()
     else:
@@ -60,7 +61,7 @@ def from_table(path: str, path_column: str = "path", caption_column: str = "capt
             rows = list(reader)
     missing = [c for c in (path_column, caption_column) if c not in columns]
     if missing:
-        raise ValueError(
+        raise UsageError(
             f"table {path!r} has no column(s) {missing}; it has {sorted(columns)} "
             f"(choose with --path-column / --caption-column)"
         )
@@ -68,7 +69,7 @@ def from_table(path: str, path_column: str = "path", caption_column: str = "capt
     for i, row in enumerate(rows):
         p = str(row[path_column])
         if "://" in p:
-            raise ValueError(f"row {i}: {p!r} is a URL; make_shards reads local files only")
+            raise UsageError(f"row {i}: {p!r} is a URL; make_shards reads local files only")
         full = p if os.path.isabs(p) else os.path.join(base, p)
         data = open(full, "rb").read() if os.path.isfile(full) else None
         yield f"{i:09d}", data, row[caption_column]
@@ -85,7 +86,7 @@ def from_tars(spec: str):
     for source in expand_urls(spec):
         for url in source:
             if not os.path.isfile(url):
-                raise FileNotFoundError(f"shard {url!r} does not exist")
+                raise MissingFile(f"shard {url!r} does not exist")
             errors: List[str] = []
             for smp in iter_tar_samples(url, lambda *a: errors.append(a[1])):
                 yield f"{os.path.basename(url)}-{smp['__key__']}", image_bytes(smp), caption_of(smp)

@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..errors import MissingFile, UsageError
+from ..options import cli
 from .shards import caption_of, decode_latent, expand_urls, image_bytes, iter_tar_samples, sample_kind
 
 REASONS = ("bad_shard", "bad_image", "missing_image", "missing_caption", "empty_caption", "bad_latent", "wrong_kind")
@@ -40,29 +42,32 @@ REASONS = ("bad_shard", "bad_image", "missing_image", "missing_caption", "empty_
 
 @dataclass
 class DataConfig:
-    """Where the data is and how it becomes batches."""
+    """Where the data is and how it becomes batches. Fields marked ``cli`` are flags; the others (batch size,
+    resolution, text lengths, seed) are filled from the rest of the job configuration."""
 
-    data_path: str
+    data_path: Optional[str] = field(default=None, metadata=cli())
     """Shard URLs, brace notation, several sources joined with '::' (e.g. 'a/{000..099}.tar::b/{00..09}.tar')."""
-    tokenizer: str
+    tokenizer: Optional[str] = field(default=None, metadata=cli())
     """Path of the sentencepiece model (tools/train_tokenizer.py)."""
+    mock_data: bool = field(default=False, metadata=cli())
+    """Deterministic synthetic batches indexed by global sample, layout-independent (tests, benchmarks)."""
+    data_weights: Optional[List[float]] = field(default=None, metadata=cli())
+    """Sampling weight per source (default: equal)."""
+    resample: bool = field(default=False, metadata=cli("--data-resample"))
+    """Draw shards with replacement (infinite, no epochs) instead of epoch-wise disjoint splitting."""
+    num_workers: int = field(default=2, metadata=cli())
+    """DataLoader worker processes per rank (0: load in the main process)."""
+    shuffle_buffer: int = field(default=1000, metadata=cli())
+    """Samples held by the shuffle buffer of each worker (0 or 1: no shuffling)."""
     micro_batch_size: int = 8
     """Samples per batch on one data-parallel rank."""
     image_size: int = 256
     """Resolution of the current stage; images are resized (shorter side) and cropped to it."""
-    data_weights: Optional[List[float]] = None
-    """Sampling weight per source (default: equal)."""
-    resample: bool = False
-    """Draw shards with replacement (infinite, no epochs) instead of epoch-wise disjoint splitting."""
     epochs: Optional[int] = None
     """Stop after this many passes over the data (None: endless, as for training by iterations)."""
     drop_last: bool = True
     """With ``epochs``: drop each worker's final partial batch (fixed shapes for training); evaluation keeps it,
     so every held-out sample counts whatever the process and worker counts."""
-    num_workers: int = 2
-    """DataLoader worker processes per rank (0: load in the main process)."""
-    shuffle_buffer: int = 1000
-    """Samples held by the shuffle buffer of each worker (0 or 1: no shuffling)."""
     seed: int = 1234
     """Seed of shard permutations, source mixing, shuffling and random crops."""
     random_crop: bool = False
@@ -74,19 +79,23 @@ class DataConfig:
 
     def __post_init__(self):
         if self.micro_batch_size < 1:
-            raise ValueError(f"--micro-batch-size must be >= 1, got {self.micro_batch_size}")
+            raise UsageError(f"--micro-batch-size must be >= 1, got {self.micro_batch_size}")
         if self.image_size % 16:
-            raise ValueError(f"image size {self.image_size} is not a multiple of 16")
+            raise UsageError(f"image size {self.image_size} is not a multiple of 16")
         if self.num_workers < 0:
-            raise ValueError("--num-workers must be >= 0")
+            raise UsageError("--num-workers must be >= 0")
+        if self.shuffle_buffer < 0:
+            raise UsageError("--shuffle-buffer must be >= 0")
+        if self.data_path is None:
+            return
         sources = self.data_path.split("::")
         if self.data_weights is not None:
             if len(self.data_weights) != len([s for s in sources if s.strip()]):
-                raise ValueError(
+                raise UsageError(
                     f"--data-weights has {len(self.data_weights)} values for {len(sources)} sources in --data-path"
                 )
             if any(w <= 0 for w in self.data_weights):
-                raise ValueError("--data-weights must all be > 0")
+                raise UsageError("--data-weights must all be > 0")
 
 
 def _rng(*parts) -> random.Random:
@@ -114,7 +123,7 @@ class ShardStream(IterableDataset):
             local = [u for u in shards if "://" not in u and not u.startswith("pipe:")]
             missing = [u for u in local if not os.path.isfile(u)]
             if missing and len(missing) == len(shards):  # a typo; a few missing shards are counted as bad_shard
-                raise FileNotFoundError(
+                raise MissingFile(
                     f"none of the {len(shards)} shards of source {i + 1} exists (e.g. {missing[0]!r}); "
                     f"check --data-path (brace ranges like shard-{{00000..00009}}.tar)")
         self.weights = cfg.data_weights or [1.0] * len(self.sources)
@@ -123,7 +132,7 @@ class ShardStream(IterableDataset):
         if not cfg.resample:
             for i, shards in enumerate(self.sources):
                 if len(shards) < slots:
-                    raise ValueError(
+                    raise UsageError(
                         f"source {i + 1} has {len(shards)} shards, fewer than data-parallel size {dp_size} x "
                         f"{self.num_logical} workers = {slots}; reshard into more, smaller shards "
                         f"(tools/make_shards.py --samples-per-shard) or use --data-resample"
@@ -148,7 +157,7 @@ class ShardStream(IterableDataset):
                     empty = 0
                     yield smp
                 if empty > 2 * len(shards) + 8:  # never spin forever on unreadable or empty shards
-                    raise ValueError(f"source {s + 1}: {empty} shard draws in a row gave no sample; its shards "
+                    raise UsageError(f"source {s + 1}: {empty} shard draws in a row gave no sample; its shards "
                                      f"are empty or unreadable (e.g. {url!r})")
             return
         slot, stride = self.dp_rank * self.num_logical + w, self.dp_size * self.num_logical
@@ -163,7 +172,7 @@ class ShardStream(IterableDataset):
                     n += 1
                     yield smp
             if n == 0 and mine and cfg.epochs is None:  # endless mode would spin forever on nothing
-                raise ValueError(f"source {s + 1}: a whole epoch over this worker's {len(mine)} shards gave no "
+                raise UsageError(f"source {s + 1}: a whole epoch over this worker's {len(mine)} shards gave no "
                                  f"sample; they are empty or unreadable (e.g. {mine[0]!r})")
 
     def _raw_stream(self, w: int, on_error) -> Iterator[dict]:
@@ -228,7 +237,7 @@ class ShardStream(IterableDataset):
                 return count("bad_latent")
             side = cfg.image_size // 8
             if lat.ndim != 3 or lat.shape[1:] != (side, side):
-                raise ValueError(
+                raise UsageError(
                     f"latent shard {smp['__url__']} holds latents of shape {lat.shape}, but this stage trains at "
                     f"{cfg.image_size}px (expects (16, {side}, {side})); re-run tools/cache_latents.py "
                     f"--image-size {cfg.image_size}"
@@ -354,7 +363,7 @@ class DataIterator:
         n = max(1, cfg.num_workers)
         state = state or {}
         if state and len(state.get("raw_pos", [])) != n:
-            raise ValueError(
+            raise UsageError(
                 f"checkpoint data position was saved with {len(state['raw_pos'])} loader workers; resume with "
                 f"--num-workers {len(state['raw_pos'])} for an exact continuation"
             )

@@ -16,6 +16,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import braceexpand
 import numpy as np
 from webdataset.tariterators import group_by_keys, tar_file_iterator
+from ..errors import UsageError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 LATENT_EXT = "latent.npy"
@@ -34,7 +35,7 @@ def expand_urls(spec: str) -> List[List[str]]:
             paths.extend(matches)
         sources.append(paths)
     if not sources:
-        raise ValueError(f"data path {spec!r} names no shards; give e.g. 'shards/{{00000..00009}}.tar'")
+        raise UsageError(f"data path {spec!r} names no shards; give e.g. 'shards/{{00000..00009}}.tar'")
     return sources
 
 
@@ -101,7 +102,7 @@ class ShardWriter:
         """``name``: write exactly one shard with this file name (no size limit; created even when empty).
         ``record_sizes``: merge the counts into ``sizes.json`` on close (off when processes write in parallel)."""
         if samples_per_shard < 1:
-            raise ValueError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
+            raise UsageError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
         os.makedirs(out_dir, exist_ok=True)
         self.out_dir, self.per_shard, self.prefix = out_dir, samples_per_shard, prefix
         self.index = start_index

@@ -10,6 +10,7 @@ import os
 from typing import Iterable, List, Sequence
 
 import numpy as np
+from ..errors import MissingFile, UsageError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
@@ -19,7 +20,7 @@ class Tokenizer:
         import sentencepiece as spm
 
         if not os.path.isfile(model_path):
-            raise FileNotFoundError(
+            raise MissingFile(
                 f"tokenizer model {model_path!r} not found; train one with tools/train_tokenizer.py"
             )
         self.path = model_path
@@ -27,9 +28,9 @@ class Tokenizer:
         try:
             self.sp.Load(model_path)
         except Exception as e:  # sentencepiece raises RuntimeError/OSError on garbage
-            raise ValueError(f"{model_path!r} is not a sentencepiece model ({e})") from None
+            raise UsageError(f"{model_path!r} is not a sentencepiece model ({e})") from None
         if self.sp.pad_id() != PAD_ID or self.sp.eos_id() != EOS_ID:
-            raise ValueError(
+            raise UsageError(
                 f"{model_path!r} has pad id {self.sp.pad_id()} / eos id {self.sp.eos_id()}; megatron_ov3 needs "
                 f"pad {PAD_ID} / eos {EOS_ID}: train it with tools/train_tokenizer.py"
             )
@@ -66,10 +67,10 @@ def train_tokenizer(texts: Iterable[str], model_prefix: str, vocab_size: int = 3
     import sentencepiece as spm
 
     if vocab_size < 8:
-        raise ValueError(f"vocab size {vocab_size} is too small; use at least 8")
+        raise UsageError(f"vocab size {vocab_size} is too small; use at least 8")
     sentences = [t.strip() for t in texts if t and t.strip()]
     if not sentences:
-        raise ValueError("no non-empty text to train the tokenizer on")
+        raise UsageError("no non-empty text to train the tokenizer on")
     os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from . import metrics as M
+from ..errors import MissingFile, UsageError
 
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a {}.", "an image of a {}.")
 
@@ -46,7 +47,7 @@ def evaluate(model, batches, device, tokenizer=None, classnames: Optional[Sequen
             break
         batch = {k: v.to(device) for k, v in batch.items()}
         if "images" not in batch:
-            raise ValueError("evaluation needs image shards (reconstruction is measured in pixels)")
+            raise UsageError("evaluation needs image shards (reconstruction is measured in pixels)")
         x = batch["images"]
         enc = model.encode_image(images=x)
         z_hat = model.latent_decoder(enc.tokens)
@@ -74,7 +75,7 @@ def evaluate(model, batches, device, tokenizer=None, classnames: Optional[Sequen
         local = {k: (torch.cat(v) if v else None) for k, v in merged.items()}
     report: Dict = {"num_images": int(local["psnr"].numel()) if local["psnr"] is not None else 0}
     if report["num_images"] == 0:
-        raise ValueError("the evaluation data yielded no image")
+        raise UsageError("the evaluation data yielded no image")
     report["psnr"] = float(local["psnr"].mean())
     report["ssim"] = float(local["ssim"].mean())
     if local["lpips"] is not None:
@@ -105,8 +106,8 @@ def save_grid(grid: torch.Tensor, path: str) -> None:
 
 def read_lines(path: str) -> List[str]:
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path!r} not found")
+        raise MissingFile(f"{path!r} not found")
     lines = [l.strip() for l in open(path, encoding="utf-8") if l.strip()]
     if not lines:
-        raise ValueError(f"{path!r} is empty")
+        raise UsageError(f"{path!r} is empty")
     return lines

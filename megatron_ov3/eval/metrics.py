@@ -10,6 +10,7 @@ from typing import Callable, Dict, Iterable, List, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from ..errors import MissingFile, UsageError
 
 PSNR_CAP = 100.0
 """PSNR reported for identical images (MSE 0)."""
@@ -66,11 +67,11 @@ def inception_feature_extractor(weights_path: str):
     import os
 
     if not os.path.isfile(weights_path):
-        raise FileNotFoundError(f"Inception weights {weights_path!r} not found (pt_inception-2015-12-05 .pth)")
+        raise MissingFile(f"Inception weights {weights_path!r} not found (pt_inception-2015-12-05 .pth)")
     try:
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     except Exception as e:  # torch-fidelity needs torchvision, absent on the pinned CPU torch
-        raise ValueError(f"rFID needs torch-fidelity (pip install torch-fidelity, which needs torchvision): {e}")
+        raise UsageError(f"rFID needs torch-fidelity (pip install torch-fidelity, which needs torchvision): {e}")
     fe = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=weights_path)
     fe.eval()
 
@@ -110,7 +111,7 @@ def zero_shot_topk(image_emb: torch.Tensor, class_emb: torch.Tensor, labels: tor
     keep = labels >= 0
     image_emb, labels = image_emb[keep], labels[keep]
     if labels.numel() == 0:
-        raise ValueError("no image has a class label (.cls) for zero-shot classification")
+        raise UsageError("no image has a class label (.cls) for zero-shot classification")
     sim = F.normalize(image_emb.float(), dim=-1) @ F.normalize(class_emb.float(), dim=-1).t()
     out = {}
     for k in ks:

@@ -1,7 +1,7 @@
 """Checkpoint conversion: megatron_ov3 (any TP/PP layout) -> Hugging Face / LLaVA / RAE / open_clip, and
 open_clip -> megatron_ov3.
 
-Every source is read through the checkpoint's *universal* copy (training/universal.py): global parameter names,
+Every source is read through the checkpoint's *universal* copy (checkpointing/universal.py): global parameter names,
 tensor-parallel shards already merged, pipeline stages already renumbered, so conversion is pure renaming plus
 one re-layout: megatron's fused QKV stores rows per head as [q_h; k_h; v_h], the exported blocks (and open_clip's
 ``in_proj``) store [q; k; v].
@@ -15,6 +15,8 @@ import shutil
 from typing import Dict, Optional, Tuple
 
 import torch
+from ..checkpointing.load import resolve_universal, vae_from_meta
+from ..errors import MissingFile, UsageError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ADAPTER_FILES = ("modeling_ov3.py", "llava_ov3_tower.py", "rae_ov3.py")
@@ -48,36 +50,19 @@ def qkv_to_megatron(t: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- reading a megatron_ov3 checkpoint
-def resolve_universal(path: str) -> str:
-    """Checkpoint dir (with ``latest``), an ``iter_*`` dir, or a ``universal`` dir -> the universal dir."""
-    from ..training.checkpoint import read_latest
-
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint path {path!r} does not exist")
-    if os.path.isfile(os.path.join(path, "meta.json")):
-        return path
-    if os.path.isfile(os.path.join(path, "latest")):
-        path = os.path.join(path, read_latest(path))
-    uni = os.path.join(path, "universal")
-    if not os.path.isfile(os.path.join(uni, "meta.json")):
-        raise FileNotFoundError(
-            f"{path!r} has no universal copy (universal/meta.json); it was saved with --no-save-universal or "
-            f"ZeRO-3. Resume it once at the same layout without those and save again"
-        )
-    return uni
-
-
 def load_source(path: str, progress: bool = True) -> Tuple[dict, Dict[str, torch.Tensor], dict]:
     """(OV3Config dict, {global name: fp32 tensor} of model weights, meta) from a megatron_ov3 checkpoint."""
     from tqdm import tqdm
 
-    from ..training.universal import read_universal
+    from ..checkpointing import read_universal
+    from ..models import OV3Config
 
     uni = resolve_universal(path)
     meta, handles = read_universal(uni)
     cfg = meta.get("model_config")
     if cfg is None:
-        raise ValueError(f"{uni!r} has no model_config in meta.json; re-save it with this version")
+        raise UsageError(f"{uni!r} has no model_config in meta.json; re-save it with this version")
+    cfg = OV3Config.from_dict(cfg).to_dict()  # current field names (older checkpoints included)
     weights = {}
     for k in tqdm(sorted(k for k in handles if "::" not in k), desc="reading", unit="tensor", disable=not progress):
         weights[k] = handles[k].get_tensor(k).float()
@@ -97,7 +82,7 @@ def to_hf_state_dict(cfg: dict, weights: Dict[str, torch.Tensor]) -> Dict[str, t
         if m:
             suffix = dict(_LAYER_MAP).get(m.group(3))
             if suffix is None:
-                raise ValueError(f"unexpected layer parameter {name!r}")
+                raise UsageError(f"unexpected layer parameter {name!r}")
             if suffix.startswith("qkv."):
                 t = qkv_to_standard(t, heads[tower])
             out[f"{_TOWERS[tower]}.layers.{m.group(2)}.{suffix}"] = t
@@ -117,7 +102,7 @@ def hf_config(cfg: dict, meta: dict) -> dict:
         "image_size": cfg["image_size"], "latent_channels": cfg["latent_channels"],
         "vae_downsample": cfg["vae_downsample"], "patch_size": cfg["patch_size"],
         "class_token": cfg["class_token"], "register_tokens": cfg["register_tokens"],
-        "pos_embed_ref_grid": cfg["pos_embed_ref_grid"], "pos_embed_type": cfg.get("pos_embed_type", "sincos"),
+        "pos_embed_ref_grid": cfg["pos_embed_ref_grid"], "pos_embed_type": cfg["position_embedding_type"],
         "final_ln_after_pool": cfg["final_ln_after_pool"],
         "layernorm_eps": cfg["layernorm_eps"], "vocab_size": cfg["vocab_size"],
         "padded_vocab_size": padded_vocab_size(cfg["vocab_size"]), "text_context_length": cfg["text_context_length"],
@@ -125,20 +110,6 @@ def hf_config(cfg: dict, meta: dict) -> dict:
         "shift_factor": vae.get("shift_factor", 0.1159), "logit_scale": meta.get("logit_scale"),
         "torch_dtype": "float32",
     }
-
-
-def _vae_for(meta: dict, vae_path: Optional[str]):
-    from ..models import FrozenVAE
-
-    vae = meta.get("vae", {})
-    kw = {k: vae.get(k) for k in ("scaling_factor", "shift_factor")}  # None: the VAE config's (FLUX) values
-    if vae_path:
-        return FrozenVAE.from_pretrained(vae_path, **kw)
-    if vae.get("tiny"):
-        return FrozenVAE.tiny(**kw)
-    if vae.get("path") and os.path.isdir(vae["path"]):
-        return FrozenVAE.from_pretrained(vae["path"], **kw)
-    raise ValueError("the checkpoint does not say where its VAE is; pass --vae-path (local FLUX.1 VAE folder)")
 
 
 def export_hf(src: str, out_dir: str, vae_path: Optional[str] = None, progress: bool = True) -> str:
@@ -150,7 +121,7 @@ def export_hf(src: str, out_dir: str, vae_path: Optional[str] = None, progress: 
     _require_empty(out_dir)
     if "logit_scale" in weights:
         meta = dict(meta, logit_scale=float(weights["logit_scale"].exp().clamp(max=cfg["logit_scale_max"])))
-    vae = _vae_for(meta, vae_path)
+    vae = vae_from_meta(meta, vae_path)
     meta = dict(meta, vae={"scaling_factor": vae.scaling_factor, "shift_factor": vae.shift_factor})
     os.makedirs(out_dir, exist_ok=True)
     sd = to_hf_state_dict(cfg, weights)
@@ -180,7 +151,7 @@ def _open_clip_positions(cfg: dict, weights: dict) -> torch.Tensor:
     from ..models.posemb import resize_table
 
     w = cfg["encoder"]["width"]
-    if cfg.get("pos_embed_type", "sincos") != "learned":
+    if cfg["position_embedding_type"] != "learned":
         return torch.cat([torch.zeros(1, w), _sincos_table(cfg)])
     grid = cfg["image_size"] // (cfg["vae_downsample"] * cfg["patch_size"])
     return torch.cat([weights["encoder.class_pos_embed"].float(),
@@ -192,10 +163,10 @@ def export_open_clip(src: str, out_dir: str, progress: bool = True) -> str:
     (class token, no pre-LN, bias-free conv1/proj, avg pool with final LN after pooling, 16 input channels)."""
     cfg, weights, _ = load_source(src, progress)
     if not cfg["class_token"] or cfg["register_tokens"]:
-        raise ValueError("the open_clip format needs a model trained with a class token and no register tokens "
+        raise UsageError("the open_clip format needs a model trained with a class token and no register tokens "
                          "(--class-token, --register-tokens 0)")
     if not cfg["final_ln_after_pool"]:
-        raise ValueError("the open_clip OV3 format pools before the final LayerNorm (final_ln_after_pool)")
+        raise UsageError("the open_clip OV3 format pools before the final LayerNorm (final_ln_after_pool)")
     e = cfg["encoder"]
     w = e["width"]
     sd = {
@@ -232,7 +203,7 @@ def export_open_clip(src: str, out_dir: str, progress: bool = True) -> str:
 def _require_empty(out_dir: str) -> None:
     """Exports never write into a folder that holds anything (nothing on disk is overwritten)."""
     if os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise ValueError(f"output folder {out_dir!r} is not empty; choose a new one")
+        raise UsageError(f"output folder {out_dir!r} is not empty; choose a new one")
 
 
 def import_open_clip(src_dir: str, out_dir: str, model_size: str = "custom", **overrides) -> str:
@@ -246,7 +217,7 @@ def import_open_clip(src_dir: str, out_dir: str, model_size: str = "custom", **o
     bin_path = os.path.join(src_dir, "open_clip_pytorch_model.bin")
     for p in (cfg_path, bin_path):
         if not os.path.isfile(p):
-            raise FileNotFoundError(f"{p!r} not found; an open_clip OV3 folder has open_clip_config.json and "
+            raise MissingFile(f"{p!r} not found; an open_clip OV3 folder has open_clip_config.json and "
                                     f"open_clip_pytorch_model.bin")
     mc = json.load(open(cfg_path))["model_cfg"]
     vc = mc["vision_cfg"]
@@ -263,12 +234,12 @@ def import_open_clip(src_dir: str, out_dir: str, model_size: str = "custom", **o
     pos = sd["visual.positional_embedding"].float()
     grid = int(round((pos.shape[0] - 1) ** 0.5))
     if grid * grid + 1 != pos.shape[0] or pos.shape[1] != w:
-        raise ValueError(f"visual.positional_embedding has shape {tuple(pos.shape)}; expected (1 + g*g, {w})")
-    sincos = OV3Config.from_dict(dict(base, pos_embed_type="sincos")).to_dict()
+        raise UsageError(f"visual.positional_embedding has shape {tuple(pos.shape)}; expected (1 + g*g, {w})")
+    sincos = OV3Config.from_dict(dict(base, position_embedding_type="sincos")).to_dict()
     expect = torch.cat([torch.zeros(1, w), _sincos_table(sincos)])
     learned = pos.shape != expect.shape or not torch.allclose(pos, expect, atol=1e-5)
     if learned:  # e.g. the official OV3 release: keep the table, trainable, at the grid it was trained at
-        base.update(pos_embed_type="learned", pos_embed_ref_grid=grid)
+        base.update(position_embedding_type="learned", pos_embed_ref_grid=grid)
     cfg = OV3Config.from_dict(base)
     mt = {"encoder.patch_embed.weight": sd["visual.conv1.weight"],
           "encoder.class_token": sd["visual.class_embedding"].reshape(1, 1, w),

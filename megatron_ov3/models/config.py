@@ -17,8 +17,11 @@ from typing import Optional
 
 import torch
 
+from ..errors import UsageError
+from ..options import cli
 
-class ConfigError(ValueError):
+
+class ConfigError(UsageError):
     """An invalid configuration value; the message names the field and how to fix it."""
 
 
@@ -68,11 +71,11 @@ class OV3Config:
     """Caption decoder: causal transformer over [projected image tokens; caption tokens] (prefix fusion)."""
     embed_dim: int
     """Width of the shared image/text embedding used by the contrastive loss."""
-    size: str = "custom"
+    size: str = field(default="custom", metadata=cli("--model-size"))
     """Registry name this config came from (informational)."""
 
     # --- image / latent / tokens ---
-    image_size: int = 256
+    image_size: int = field(default=256, metadata=cli())
     """Training resolution in pixels (square). Must be a multiple of 16 (VAE 8x times patch 2)."""
     latent_channels: int = 16
     """Channels of the VAE latent (16 for the FLUX.1 VAE)."""
@@ -80,19 +83,19 @@ class OV3Config:
     """Spatial downsampling of the VAE (8 for FLUX.1)."""
     patch_size: int = 2
     """Patch size over the latent; one token covers vae_downsample*patch_size pixels (16)."""
-    class_token: bool = False
+    class_token: bool = field(default=False, metadata=cli())
     """Prepend a learned class token. Off by default: pooling is GAP, and without it the token count
     (N = (image_size/16)^2 = 64 at 128px, 256 at 256px) is a multiple of 16 as FP8 GEMMs want. Turn it on to
     import/export the official OV3 open_clip checkpoints, which have one."""
-    register_tokens: int = 0
+    register_tokens: int = field(default=0, metadata=cli())
     """Number of learned register tokens prepended after the class token (excluded from pooling)."""
-    pos_embed_ref_grid: int = 16
+    pos_embed_ref_grid: int = field(default=16, metadata=cli())
     """Token grid at which the fixed sincos-2d position embedding uses integer positions. Other grids sample
     the same continuous embedding at scaled positions, so 128px (8x8) and 256px (16x16) cover the same
-    spatial extent and any resolution in between works without re-learning. With ``pos_embed_type``
+    spatial extent and any resolution in between works without re-learning. With ``position_embedding_type``
     'learned' it is the grid of the learned table (other grids resize it bicubically, as open_clip does).
     The reconstruction decoder's fixed sincos embedding uses the same reference grid."""
-    pos_embed_type: str = "sincos"
+    position_embedding_type: str = field(default="sincos", metadata=cli(choices=("sincos", "learned")))
     """Encoder position embedding: 'sincos' (fixed, resolution-agnostic; default) or 'learned' (a trainable
     ``pos_embed_ref_grid``^2 x width table initialised to the sincos table, plus a learned class-token
     position when ``class_token``; the layout of open_clip checkpoints such as the official OV3 release)."""
@@ -103,7 +106,7 @@ class OV3Config:
     """LayerNorm epsilon of every tower (OpenVision uses 1e-6)."""
 
     # --- reconstruction branch ---
-    decoder_noise_tau: float = 0.8
+    decoder_noise_tau: float = field(default=0.8, metadata=cli())
     """Training-time noise on encoder tokens before the decoder: sigma ~ U[0, tau] per sample (RAE uses
     0.8; the paper does not publish its value). No noise in eval mode."""
 
@@ -118,23 +121,23 @@ class OV3Config:
     """Token id used for padding; padded caption positions carry no loss, text pooling ignores them."""
 
     # --- losses (paper defaults: L = 0.5*(pixel + 0.4*latent + lpips_w*lpips) + caption + contrastive) ---
-    reconstruction_weight: float = 0.5
+    reconstruction_weight: float = field(default=0.5, metadata=cli())
     """Weight of the whole reconstruction loss L_rec in the total."""
-    pixel_l1_weight: float = 1.0
+    pixel_l1_weight: float = field(default=1.0, metadata=cli())
     """Weight of the pixel L1 (through the frozen VAE decoder) inside L_rec."""
-    latent_l1_weight: float = 0.4
+    latent_l1_weight: float = field(default=0.4, metadata=cli())
     """Weight of the latent L1 inside L_rec."""
-    lpips_weight: float = 0.0
+    lpips_weight: float = field(default=0.0, metadata=cli())
     """Weight of LPIPS inside L_rec (paper: 0 in pre-training, 0.5 in fine-tuning). >0 needs lpips_path."""
-    pixel_loss_fraction: float = 1.0
+    pixel_loss_fraction: float = field(default=1.0, metadata=cli())
     """Fraction of each micro batch (its first ceil(f*B) samples) whose predicted latents are decoded for the
     pixel L1/LPIPS losses. 1.0 is the paper's full pixel loss; below 1 is a documented deviation that cuts
     the VAE-decode cost (the dominant one) proportionally; the latent L1 still covers every sample."""
-    lpips_path: Optional[str] = None
+    lpips_path: Optional[str] = field(default=None, metadata=cli())
     """Local file with LPIPS (VGG) weights; required when lpips_weight > 0."""
-    caption_weight: float = 1.0
+    caption_weight: float = field(default=1.0, metadata=cli())
     """Weight of the captioning cross-entropy."""
-    contrastive_weight: float = 1.0
+    contrastive_weight: float = field(default=1.0, metadata=cli())
     """Weight of the CLIP contrastive loss."""
     logit_scale_init: float = 1.0 / 0.07
     """Initial contrastive temperature scale (learned as its log)."""
@@ -156,8 +159,8 @@ class OV3Config:
             f"patch {self.patch_size}); use e.g. 128, 224 or 256",
         )
         _require(self.register_tokens >= 0, f"register_tokens must be >= 0, got {self.register_tokens}")
-        _require(self.pos_embed_type in ("sincos", "learned"),
-                 f"pos_embed_type must be 'sincos' or 'learned', got {self.pos_embed_type!r}")
+        _require(self.position_embedding_type in ("sincos", "learned"),
+                 f"position_embedding_type must be 'sincos' or 'learned', got {self.position_embedding_type!r}")
         _require(self.pos_embed_ref_grid > 0, f"pos_embed_ref_grid must be positive, got {self.pos_embed_ref_grid}")
         _require(self.decoder_noise_tau >= 0, f"decoder_noise_tau must be >= 0, got {self.decoder_noise_tau}")
         _require(self.vocab_size > 1, f"vocab_size must be > 1, got {self.vocab_size}")
@@ -194,6 +197,16 @@ class OV3Config:
     def pixels_per_token(self) -> int:
         return self.vae_downsample * self.patch_size
 
+    @property
+    def seq_length(self) -> int:
+        """Tokens the encoder's transformer sees per image: patches plus class/register tokens. The one
+        formula every consumer (training, FLOPs, planner, export, benchmark) uses."""
+        return self.num_patches + self.num_prefix_tokens
+
+    def tokens_at(self, image_size: int) -> int:
+        """Patch tokens (no prefix) at another resolution, e.g. for a planner sweep."""
+        return (image_size // self.pixels_per_token) ** 2
+
     def replace(self, **changes) -> "OV3Config":
         """A copy with some fields changed (re-validated)."""
         return dataclasses.replace(self, **changes)
@@ -204,6 +217,9 @@ class OV3Config:
     @classmethod
     def from_dict(cls, d: dict) -> "OV3Config":
         known = {f.name for f in dataclasses.fields(cls)}
+        d = dict(d)
+        if "pos_embed_type" in d:  # the name before 2026-12 (checkpoints written then keep loading)
+            d.setdefault("position_embedding_type", d.pop("pos_embed_type"))
         unknown = sorted(set(d) - known)
         _require(not unknown, f"unknown OV3Config fields {unknown}; remove them (known: {sorted(known)})")
         return cls(**d)
@@ -211,42 +227,49 @@ class OV3Config:
 
 @dataclass
 class LayerImplConfig:
-    """How transformer layers are realised. Filled by the training entry point; the model passes it through."""
+    """How transformer layers are realised. Filled from the job configuration; the model passes it through."""
 
-    backend: str = "auto"
+    transformer_impl: str = field(default="auto", metadata=cli(choices=("auto", "local", "te")))
     """Layer backend: 'te' (Transformer Engine), 'local' (megatron-core modules) or 'auto' (te if importable)."""
-    attention: str = "sdpa"
+    attention_backend: str = field(default="sdpa", metadata=cli(choices=("sdpa", "unfused")))
     """Core attention of the local backend: 'sdpa' (torch fused kernels) or 'unfused' (megatron's softmax)."""
-    params_dtype: torch.dtype = torch.float32
-    """Dtype of the transformer parameters."""
-    bf16: bool = False
-    """Run megatron layers in bf16 mode (params_dtype should then be bfloat16)."""
-    fp8: Optional[str] = None
-    """FP8 format: None, 'hybrid' (E4M3 forward, E5M2 gradients) or 'e4m3'. With backend te, Transformer
-    Engine's FP8 inside the layers; with backend local, torchao float8 GEMMs applied around the model by
-    :mod:`megatron_ov3.converters`."""
-    sequence_parallel: bool = False
-    """Megatron sequence parallelism (shards LayerNorm/dropout activations across the TP group)."""
-    recompute_granularity: Optional[str] = None
+    bf16: bool = field(default=False, metadata=cli())
+    """bf16 parameters and megatron layers in bf16 mode (DeepSpeed's bf16 engine keeps fp32 masters); off:
+    fp32 everywhere."""
+    fp8_format: Optional[str] = field(default=None, metadata=cli(choices=("hybrid", "e4m3")))
+    """FP8 GEMMs in the transformer layers: None, 'hybrid' (E4M3 forward, E5M2 gradients) or 'e4m3'. With
+    transformer_impl te, Transformer Engine's FP8 inside the layers; with local, torchao float8 GEMMs applied
+    around the model by :mod:`megatron_ov3.converters` (emulated on CPU)."""
+    sequence_parallel: bool = field(default=False, metadata=cli())
+    """Megatron sequence parallelism in the image encoder and decoder (needs tensor parallelism > 1)."""
+    recompute_granularity: Optional[str] = field(default=None, metadata=cli(choices=("full", "selective")))
     """Activation recomputation: None, 'full' (whole layers) or 'selective' (core attention only)."""
     recompute_num_layers: int = 1
     """With 'full' recomputation: layers per recomputed chunk (uniform method)."""
     init_method_std: float = 0.02
     """Std of the normal init of transformer weights."""
-    compile: bool = False
-    """``torch.compile`` each transformer layer (applied around the model by :mod:`megatron_ov3.converters`)."""
+    torch_compile: bool = field(default=False, metadata=cli())
+    """``torch.compile`` each transformer layer, in place (applied around the model by
+    :mod:`megatron_ov3.converters`; checkpoints unchanged)."""
 
     def __post_init__(self):
         from .specs import ATTENTIONS, BACKENDS
 
-        _require(self.backend in BACKENDS, f"backend {self.backend!r} unknown; use one of {BACKENDS}")
-        _require(self.attention in ATTENTIONS, f"attention {self.attention!r} unknown; use one of {ATTENTIONS}")
-        _require(self.fp8 in (None, "hybrid", "e4m3"), f"fp8 {self.fp8!r} unknown; use hybrid or e4m3")
+        _require(self.transformer_impl in BACKENDS,
+                 f"transformer_impl {self.transformer_impl!r} unknown; use one of {BACKENDS}")
+        _require(self.attention_backend in ATTENTIONS,
+                 f"attention_backend {self.attention_backend!r} unknown; use one of {ATTENTIONS}")
+        _require(self.fp8_format in (None, "hybrid", "e4m3"), f"fp8_format {self.fp8_format!r} unknown; use hybrid or e4m3")
         _require(
             self.recompute_granularity in (None, "full", "selective"),
             f"recompute_granularity {self.recompute_granularity!r} unknown; use full or selective",
         )
         _require(self.recompute_num_layers >= 1, "recompute_num_layers must be >= 1")
+
+    @property
+    def params_dtype(self) -> torch.dtype:
+        """Dtype of the transformer parameters (derived from ``bf16``: one switch for precision)."""
+        return torch.bfloat16 if self.bf16 else torch.float32
 
 
 def pixel_loss_samples(fraction: float, batch: int) -> int:

@@ -47,7 +47,7 @@ class LatentViTEncoder(nn.Module):
             )
             if self.class_token is not None:
                 nn.init.normal_(self.class_token, std=t.width ** -0.5)
-            if cfg.pos_embed_type == "learned":
+            if cfg.position_embedding_type == "learned":
                 g = cfg.pos_embed_ref_grid
                 self.pos_embed = nn.Parameter(sincos_2d(t.width, g, g))
                 self.class_pos_embed = nn.Parameter(torch.zeros(1, t.width)) if cfg.class_token else None
@@ -79,7 +79,7 @@ class LatentViTEncoder(nn.Module):
         x = self.patch_embed(latents.to(self.patch_embed.weight.dtype))  # (B, W, g, g)
         grid = x.shape[-1]
         x = x.flatten(2).transpose(1, 2)
-        if cfg.pos_embed_type == "learned":
+        if cfg.position_embedding_type == "learned":
             pos = resize_table(self.pos_embed, grid).to(x.dtype)
         else:
             pos = sincos_2d(x.shape[-1], grid, cfg.pos_embed_ref_grid, device=x.device, dtype=x.dtype)

@@ -11,6 +11,7 @@ import os
 
 import torch
 from torch import nn
+from ..errors import MissingFile, UsageError
 
 _VGG_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
 _SLICES = [(0, 4), (4, 9), (9, 16), (16, 23), (23, 30)]
@@ -81,7 +82,7 @@ class LPIPS(nn.Module):
     def from_file(cls, path: str) -> "LPIPS":
         """Load a full LPIPS-VGG state dict (``.pth`` via ``weights_only=True``, or ``.safetensors``)."""
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"LPIPS weights {path!r} not found; pass a local LPIPS-VGG state-dict file")
+            raise MissingFile(f"LPIPS weights {path!r} not found; pass a local LPIPS-VGG state-dict file")
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
 
@@ -91,7 +92,7 @@ class LPIPS(nn.Module):
         model = cls()
         missing, unexpected = model.load_state_dict(sd, strict=False)
         if missing or unexpected:
-            raise ValueError(
+            raise UsageError(
                 f"{path!r} is not an LPIPS-VGG state dict (missing {len(missing)} keys e.g. {missing[:2]}, "
                 f"unexpected {len(unexpected)} e.g. {unexpected[:2]})"
             )

@@ -27,8 +27,10 @@ from .config import LayerImplConfig, OV3Config, pixel_loss_samples
 from .decoder import LatentDecoder
 from .encoder import EncoderOutput, LatentViTEncoder
 from .lpips import LPIPS
+from .stages import stage_layout
 from .text import CaptionDecoder, TextEncoder
 from .vae import FrozenVAE
+from ..errors import UsageError
 
 LOSS_NAMES = ("contrastive_loss", "caption_loss", "latent_l1", "pixel_l1", "lpips")
 
@@ -50,11 +52,11 @@ class OV3Model(nn.Module):
         self.cfg, self.impl = cfg, impl
         self.pre_process, self.post_process = pre_process, post_process
         if vae is not None and vae.latent_channels != cfg.latent_channels:
-            raise ValueError(
+            raise UsageError(
                 f"VAE has {vae.latent_channels} latent channels but the model expects {cfg.latent_channels}"
             )
         if vae is not None and vae.downsample != cfg.vae_downsample:
-            raise ValueError(f"VAE downsamples {vae.downsample}x but the model expects {cfg.vae_downsample}x")
+            raise UsageError(f"VAE downsamples {vae.downsample}x but the model expects {cfg.vae_downsample}x")
         object.__setattr__(self, "vae", vae)
         object.__setattr__(self, "lpips", LPIPS.from_file(cfg.lpips_path) if cfg.lpips_weight > 0 else None)
         if dp_group_fn is None:
@@ -111,7 +113,59 @@ class OV3Model(nn.Module):
     def current_logit_scale(self) -> torch.Tensor:
         return self.logit_scale.exp().clamp(max=self.cfg.logit_scale_max)[0]
 
-    # ---- training forward ----
+    # ---- optimizer facts ----
+    NO_WEIGHT_DECAY = ("pos_embed", "class_token", "registers")
+    """Name fragments of parameters exempt from weight decay besides every vector (biases, norms, logit scale)."""
+
+    def no_weight_decay(self, name: str, param: torch.Tensor) -> bool:
+        """Whether AdamW's weight decay skips this parameter (the model names them; the optimizer asks)."""
+        return param.dim() < 2 or any(k in name for k in self.NO_WEIGHT_DECAY)
+
+    # ---- training forward, in public sub-steps (the benchmark and evaluation call these) ----
+    def reconstruction_losses(self, tokens: torch.Tensor, z: torch.Tensor,
+                              batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Noise-augmented ViT decoder -> latent L1, and through the frozen VAE decoder pixel L1 (+ LPIPS).
+        Returns the named losses and ``reconstruction_loss`` (their weighted sum, before ``reconstruction_weight``)."""
+        cfg = self.cfg
+        z_hat = self.latent_decoder(tokens, batch.get("noise_seeds"))
+        out = {"latent_l1": l1(z_hat, z)}
+        rec = cfg.latent_l1_weight * out["latent_l1"]
+        if cfg.pixel_l1_weight > 0 or cfg.lpips_weight > 0:
+            x_hat, x = self.pixel_prediction(z_hat, z, batch.get("images"))
+            out["pixel_l1"] = l1(x_hat, x)
+            rec = rec + cfg.pixel_l1_weight * out["pixel_l1"]
+            if self.lpips is not None:
+                out["lpips"] = self.lpips(x_hat.float(), x.float()).mean()
+                rec = rec + cfg.lpips_weight * out["lpips"]
+        out["reconstruction_loss"] = rec
+        return out
+
+    def pixel_prediction(self, z_hat: torch.Tensor, z: torch.Tensor, images: Optional[torch.Tensor]):
+        """(decoded prediction, pixel target) for the pixel-loss share of the batch (all unless a deviation is
+        asked). Latent shards carry no pixels: the target is then the VAE's own reconstruction."""
+        if self.vae is None:
+            raise ValueError("the pixel loss needs the VAE decoder; pass vae=FrozenVAE(...) or set pixel_l1_weight 0")
+        k = pixel_loss_samples(self.cfg.pixel_loss_fraction, z_hat.shape[0])
+        x_hat = self.vae.decode(z_hat[:k])
+        if images is None:
+            with torch.no_grad():
+                images = self.vae.decode(z[:k])
+        return x_hat, images[:k]
+
+    def language_losses(self, enc: EncoderOutput, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """CLIP contrastive loss (gathered over the data-parallel group) and the caption decoder's loss."""
+        scale = self.current_logit_scale()
+        text_emb = self.text(batch["text_ids"])
+        con, acc_i2t, acc_t2i = contrastive_loss(enc.embedding, text_emb, scale, self._dp_group_fn())
+        cap, ntok = self.caption(enc.tokens, batch["caption_ids"])
+        return {"contrastive_loss": con, "caption_loss": cap, "contrastive_acc_i2t": acc_i2t,
+                "contrastive_acc_t2i": acc_t2i, "logit_scale": scale.detach(), "caption_tokens": ntok.detach()}
+
+    def total_loss(self, out: Dict[str, torch.Tensor]) -> torch.Tensor:
+        cfg = self.cfg
+        return (cfg.reconstruction_weight * out["reconstruction_loss"] + cfg.caption_weight * out["caption_loss"]
+                + cfg.contrastive_weight * out["contrastive_loss"])
+
     def forward(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Named losses and metrics for one micro-batch.
 
@@ -120,58 +174,24 @@ class OV3Model(nn.Module):
         Returns ``total_loss``, each loss by name (see ``LOSS_NAMES``) and metrics (``contrastive_acc_i2t``,
         ``contrastive_acc_t2i``, ``logit_scale``, ``caption_tokens``).
         """
-        cfg = self.cfg
         # under pipeline parallelism the first stage needs z as input and the last as reconstruction target
         z = self.latents_of(batch) if (self.pre_process or self.post_process) else None
         enc = self.encoder(z if self.pre_process else None)
         if not self.post_process:
             return enc  # [s, b, h] activations for the next pipeline stage
-        out: Dict[str, torch.Tensor] = {}
-
-        # reconstruction branch
-        z_hat = self.latent_decoder(enc.tokens, batch.get("noise_seeds"))
-        out["latent_l1"] = l1(z_hat, z)
-        rec = cfg.latent_l1_weight * out["latent_l1"]
-        if cfg.pixel_l1_weight > 0 or cfg.lpips_weight > 0:
-            if self.vae is None:
-                raise ValueError("the pixel loss needs the VAE decoder; pass vae=FrozenVAE(...) or set pixel_l1_weight 0")
-            k = pixel_loss_samples(cfg.pixel_loss_fraction, z_hat.shape[0])  # all unless a deviation is asked
-            x_hat = self.vae.decode(z_hat[:k])
-            x = batch.get("images")
-            if x is None:  # latent shards carry no pixels: the target is the VAE's own reconstruction
-                with torch.no_grad():
-                    x = self.vae.decode(z[:k])
-            x = x[:k]
-            out["pixel_l1"] = l1(x_hat, x)
-            rec = rec + cfg.pixel_l1_weight * out["pixel_l1"]
-            if self.lpips is not None:
-                out["lpips"] = self.lpips(x_hat.float(), x.float()).mean()
-                rec = rec + cfg.lpips_weight * out["lpips"]
-
-        # understanding branch
-        scale = self.current_logit_scale()
-        text_emb = self.text(batch["text_ids"])
-        con, acc_i2t, acc_t2i = contrastive_loss(enc.embedding, text_emb, scale, self._dp_group_fn())
-        out["contrastive_loss"] = con
-        cap, ntok = self.caption(enc.tokens, batch["caption_ids"])
-        out["caption_loss"] = cap
-
-        out["total_loss"] = cfg.reconstruction_weight * rec + cfg.caption_weight * cap + cfg.contrastive_weight * con
-        out["contrastive_acc_i2t"] = acc_i2t
-        out["contrastive_acc_t2i"] = acc_t2i
-        out["logit_scale"] = scale.detach()
-        out["caption_tokens"] = ntok.detach()
-        return out
+        out = self.reconstruction_losses(enc.tokens, z, batch)
+        out.update(self.language_losses(enc, batch))
+        total = self.total_loss(out)
+        del out["reconstruction_loss"]
+        return {"total_loss": total, **out}
 
 
 def build_model(cfg: OV3Config, impl: Optional[LayerImplConfig] = None, vae: Optional[FrozenVAE] = None, **kw) -> OV3Model:
-    """Build OV3 (this rank's pipeline stage) for the current megatron parallel state (call
-    ``parallel.initialize_model_parallel`` first). The first stage owns the patch embedding; the last stage owns
-    pooling, the decoder, the text tower, the caption decoder and every loss; the encoder's layers are spread
-    evenly over the stages (the other towers are small next to a billion-parameter encoder and need the
-    encoder's output, so they stay whole on the last stage)."""
+    """Build OV3 (this rank's pipeline stage, :func:`~megatron_ov3.models.stages.stage_layout`) for the current
+    megatron parallel state (call ``parallel.initialize_model_parallel`` first)."""
     from megatron.core import parallel_state as ps
 
-    kw.setdefault("pre_process", ps.is_pipeline_first_stage(ignore_virtual=True))
-    kw.setdefault("post_process", ps.is_pipeline_last_stage(ignore_virtual=True))
+    stage = stage_layout(cfg, ps.get_pipeline_model_parallel_world_size())[ps.get_pipeline_model_parallel_rank()]
+    kw.setdefault("pre_process", stage.first)
+    kw.setdefault("post_process", stage.last)
     return OV3Model(cfg, impl, vae, **kw)

@@ -10,13 +10,15 @@ Encoder shapes follow OpenVision / big_vision (width/depth/MLP/heads). Choices f
   same way);
 * embed_dim: the encoder width, as in the released OV3-B/2 and OV3-L/2 checkpoints (proj is width x width).
 
-Exact parameter counts of every tower are tested (``tests/unit/test_sizes.py``) and listed in the README.
+Exact parameter counts of every tower (``models/accounting.py``) are tested (``tests/unit/test_sizes.py``)
+and listed in the README.
 """
 from __future__ import annotations
 
 from typing import Dict
 
 from .config import OV3Config, TowerConfig
+from ..errors import UsageError
 
 T = TowerConfig
 
@@ -60,7 +62,7 @@ def get_config(name: str, **overrides) -> OV3Config:
     """The OV3 config of a named size (``tiny``, ``Ti``, ``S``, ``B``, ``L``, ``So400m``, ``H``, ``g``,
     ``bigG``), with optional field overrides, e.g. ``get_config("B", image_size=128)``."""
     if name not in VIT:
-        raise ValueError(f"model size {name!r} is unknown; choose one of {', '.join(SIZES)}")
+        raise UsageError(f"model size {name!r} is unknown; choose one of {', '.join(SIZES)}")
     base = dict(
         size=name,
         encoder=VIT[name],
@@ -75,44 +77,10 @@ def get_config(name: str, **overrides) -> OV3Config:
     return OV3Config(**base)
 
 
-def _layer_params(width: int, mlp: int) -> int:
-    # 2 LayerNorms (4W) + QKV (3W^2+3W) + out proj (W^2+W) + fc1 (WM+M) + fc2 (MW+W)
-    return 4 * width * width + 2 * width * mlp + 9 * width + mlp
-
-
-def _stack_params(t: TowerConfig) -> int:
-    return t.depth * _layer_params(t.width, t.mlp)
-
-
-def count_parameters(cfg: OV3Config) -> Dict[str, int]:
-    """Analytic trainable-parameter count per tower (the frozen VAE and fixed sincos tables excluded; a learned
-    encoder position table and class position included).
-
-    Used by the FLOP counter and the scaling planner; tests check it against models built on the meta device.
-    """
-    from .text import padded_vocab_size
-
-    e, d, t, c = cfg.encoder, cfg.decoder, cfg.text, cfg.caption
-    vocab = padded_vocab_size(cfg.vocab_size)
-    patch_out = cfg.patch_size ** 2 * cfg.latent_channels
-    learned_pos = (cfg.pos_embed_ref_grid ** 2 + int(cfg.class_token)) * e.width \
-        if cfg.pos_embed_type == "learned" else 0
-    counts = {
-        "encoder": patch_out * e.width + cfg.num_prefix_tokens * e.width + learned_pos + _stack_params(e)
-        + 2 * e.width + e.width * cfg.embed_dim,
-        "decoder": e.width * d.width + d.width + _stack_params(d) + 2 * d.width + d.width * patch_out + patch_out,
-        "text": vocab * t.width + cfg.text_context_length * t.width + _stack_params(t) + 2 * t.width
-        + t.width * cfg.embed_dim,
-        "caption": e.width * c.width + c.width + vocab * c.width + cfg.caption_length * c.width + _stack_params(c)
-        + 2 * c.width + c.width * vocab,
-        "logit_scale": 1,
-    }
-    counts["total"] = sum(counts.values())
-    return counts
-
-
 def size_table_markdown(image_size: int = 256) -> str:
     """The README's size table: tower shapes and exact trainable parameters (vocab 32000; tiny: 512)."""
+    from .accounting import count_parameters
+
     def shape(t):
         return f"{t.width}/{t.depth}/{t.mlp}/{t.heads}"
 

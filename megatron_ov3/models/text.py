@@ -11,7 +11,7 @@ transformer runs over ``[image tokens; caption tokens]``. Why:
   other bidirectionally in the encoder, so causality among them costs nothing;
 * with N image tokens (a multiple of 16) + 128 caption tokens the sequence stays FP8-friendly.
 The cost is that the decoder's MLPs also run over the N image tokens; the caption tower is the smallest
-of the four, so this is a small fraction of the step (see the FLOP count in training/flops.py).
+of the four, so this is a small fraction of the step (see the FLOP count in models/accounting.py).
 
 Vocabulary: embeddings and the LM head are vocab-parallel (megatron-core), padded to a multiple of 128.
 """

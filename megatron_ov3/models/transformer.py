@@ -45,7 +45,7 @@ def transformer_config(
             f"{name}.depth={tower.depth} is not divisible by --pipeline-model-parallel-size {pp}; "
             f"use a pipeline size that divides {tower.depth}"
         )
-    backend = resolve_backend(impl.backend)
+    backend = resolve_backend(impl.transformer_impl)
     if impl.sequence_parallel and tp == 1:
         raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
     on_cpu = not torch.cuda.is_available()
@@ -83,8 +83,8 @@ def transformer_config(
         kwargs["recompute_granularity"] = impl.recompute_granularity
         if impl.recompute_granularity == "full":
             kwargs.update(recompute_method="uniform", recompute_num_layers=impl.recompute_num_layers)
-    if impl.fp8 and backend == "te":  # local backend: torchao float8, applied around the model (converters)
-        kwargs.update(fp8=impl.fp8, fp8_recipe="delayed")
+    if impl.fp8_format and backend == "te":  # local backend: torchao float8, applied around the model (converters)
+        kwargs.update(fp8=impl.fp8_format, fp8_recipe="delayed")
     return TransformerConfig(**kwargs)
 
 
@@ -105,7 +105,7 @@ def build_block(
                                 sequence_parallel=sequence_parallel)
     block = TransformerBlock(
         config=config,
-        spec=layer_spec(impl.backend, causal=causal, attention=impl.attention),
+        spec=layer_spec(impl.transformer_impl, causal=causal, attention=impl.attention_backend),
         post_layer_norm=False,
         pre_process=pre_process,
         post_process=post_process,

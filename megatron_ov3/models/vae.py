@@ -7,11 +7,13 @@ and scaled: ``(mean - shift_factor) * scaling_factor``. ``decode`` undoes the sc
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
+from ..errors import MissingFile, UsageError
+from ..options import cli
 
 FLUX_VAE_CONFIG = dict(
     in_channels=3,
@@ -58,6 +60,49 @@ class VAEDecodeConfig:
     checkpoint: bool = False
     """Activation checkpointing around the decoder: its activations are recomputed in backward instead of
     kept, trading one extra decoder forward for memory (for large micro batches)."""
+
+
+@dataclass
+class VAEConfig:
+    """Which frozen VAE the job uses and how its decoder runs (the job configuration's ``vae`` section)."""
+
+    vae_path: Optional[str] = field(default=None, metadata=cli())
+    """Local diffusers AutoencoderKL folder (the FLUX.1 VAE, e.g. FLUX.1-dev/vae)."""
+    tiny_vae: bool = field(default=False, metadata=cli())
+    """Random-init toy VAE of the FLUX structure (CPU demo and tests) instead of ``vae_path``."""
+    vae_shift_factor: Optional[float] = field(default=None, metadata=cli())
+    """latent = (mean - shift) * scale; None: the VAE config's (FLUX: 0.1159; the official OV3 release uses 0)."""
+    vae_scaling_factor: Optional[float] = field(default=None, metadata=cli())
+    """None: the VAE config's (FLUX: 0.3611)."""
+    vae_channels_last: bool = field(default=False, metadata=cli())
+    """VAE decoder in channels-last memory format."""
+    vae_autocast_bf16: bool = field(default=False, metadata=cli())
+    """VAE decoder under bf16 autocast (its weights stay fp32)."""
+    vae_decode_compile: bool = field(default=False, metadata=cli())
+    """``torch.compile`` the VAE decoder call."""
+    vae_decode_checkpoint: bool = field(default=False, metadata=cli())
+    """Recompute the VAE decoder's activations in backward (saves memory)."""
+
+    def validate(self) -> None:
+        if self.tiny_vae and self.vae_path:
+            raise UsageError("give --vae-path or --tiny-vae, not both")
+        if not self.tiny_vae and not self.vae_path:
+            raise UsageError("give --vae-path (local FLUX.1 VAE folder) or --tiny-vae")
+
+    def decode_config(self) -> VAEDecodeConfig:
+        return VAEDecodeConfig(channels_last=self.vae_channels_last, autocast_bf16=self.vae_autocast_bf16,
+                               compile=self.vae_decode_compile, checkpoint=self.vae_decode_checkpoint)
+
+    def build(self) -> "FrozenVAE":
+        """The frozen VAE with its decode options applied."""
+        kw = dict(scaling_factor=self.vae_scaling_factor, shift_factor=self.vae_shift_factor)
+        vae = FrozenVAE.tiny(**kw) if self.tiny_vae else FrozenVAE.from_pretrained(self.vae_path, **kw)
+        return vae.configure_decode(self.decode_config())
+
+    def checkpoint_meta(self) -> dict:
+        """What a checkpoint records about its VAE (read back by export and evaluation)."""
+        return {"tiny": bool(self.tiny_vae), "path": self.vae_path, "scaling_factor": self.vae_scaling_factor,
+                "shift_factor": self.vae_shift_factor}
 
 
 class FrozenVAE(nn.Module):
@@ -112,9 +157,9 @@ class FrozenVAE(nn.Module):
 
         root = os.path.join(path, subfolder) if subfolder else path
         if not os.path.isdir(root):
-            raise FileNotFoundError(f"VAE directory {root!r} does not exist; pass a local diffusers VAE folder")
+            raise MissingFile(f"VAE directory {root!r} does not exist; pass a local diffusers VAE folder")
         if not os.path.isfile(os.path.join(root, "config.json")):
-            raise FileNotFoundError(f"VAE directory {root!r} has no config.json; is it a diffusers AutoencoderKL?")
+            raise MissingFile(f"VAE directory {root!r} has no config.json; is it a diffusers AutoencoderKL?")
         ae = AutoencoderKL.from_pretrained(root, local_files_only=True, use_safetensors=True)
         return cls(ae, **kw)
 

@@ -45,7 +45,8 @@ import torch.nn.functional as F
 from ..converters import apply_converters
 from ..models import FrozenVAE, LayerImplConfig, VAEDecodeConfig, build_model, get_config
 from ..models.config import pixel_loss_samples
-from ..training.flops import _tower_fwd, step_flops_per_sample, vae_fwd_flops
+from ..models.accounting import step_flops_per_sample, tower_forward_flops, vae_fwd_flops
+from ..errors import UsageError
 
 
 @dataclass
@@ -228,7 +229,7 @@ def largest_fitting(fits: Callable[[int], bool], limit: int) -> int:
 class Bench:
     def __init__(self, bc: BenchConfig, device: torch.device):
         if bc.input not in ("latents", "images"):
-            raise ValueError(f"input must be 'latents' or 'images', got {bc.input!r}")
+            raise UsageError(f"input must be 'latents' or 'images', got {bc.input!r}")
         self.bc, self.device = bc, device
         self.cfg = get_config(bc.size, image_size=bc.image_size, pixel_loss_fraction=bc.pixel_loss_fraction)
         torch.manual_seed(bc.seed)
@@ -334,7 +335,7 @@ class Bench:
     def _encoder_flops(self):
         cfg = self.cfg
         n = cfg.grid_size ** 2 + cfg.num_prefix_tokens
-        return 3.0 * _tower_fwd(cfg.encoder, n)
+        return 3.0 * tower_forward_flops(cfg.encoder, n)
 
     def bare_vit(self, compiled: bool):
         bc, dev = self.bc, self.device
@@ -435,7 +436,7 @@ class Bench:
         if self.device.type != "cuda":
             return None
         if dist.is_initialized() and dist.get_world_size() > 1:
-            raise ValueError("--find-max-micro-batch runs in one process (an OOM on one rank would leave the others "
+            raise UsageError("--find-max-micro-batch runs in one process (an OOM on one rank would leave the others "
                              "waiting in a collective); run it without the launcher")
         bc, dev = self.bc, self.device
         vae = self._vae(bc.vae_decode)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from .planner import Hardware, Layout, estimate
+from ..errors import UsageError
 
 
 @dataclass
@@ -40,31 +41,31 @@ class RunSpec:
         try:
             spec = cls(int(parts[0]))
         except ValueError:
-            raise ValueError(f"run spec {text!r} must start with a process count, e.g. 4 or 4:tp2:zero1") from None
+            raise UsageError(f"run spec {text!r} must start with a process count, e.g. 4 or 4:tp2:zero1") from None
         for p in parts[1:]:
             m = re.fullmatch(r"(tp|pp|zero|mb)(\d+)", p)
             if not m:
-                raise ValueError(f"run spec {text!r}: unknown part {p!r}; use tpN, ppN, zeroN, mbN")
+                raise UsageError(f"run spec {text!r}: unknown part {p!r}; use tpN, ppN, zeroN, mbN")
             setattr(spec, {"mb": "micro_batch"}.get(m.group(1), m.group(1)), int(m.group(2)))
         if min(spec.tp, spec.pp) < 1 or (spec.micro_batch is not None and spec.micro_batch < 1):
-            raise ValueError(f"run spec {text!r}: tp, pp and mb must be >= 1")
+            raise UsageError(f"run spec {text!r}: tp, pp and mb must be >= 1")
         if spec.processes < 1 or spec.processes % (spec.tp * spec.pp):
-            raise ValueError(f"run spec {text!r}: {spec.processes} processes are not divisible by TP x PP")
+            raise UsageError(f"run spec {text!r}: {spec.processes} processes are not divisible by TP x PP")
         return spec
 
     def layout(self, global_batch: int) -> Layout:
         dp = self.processes // (self.tp * self.pp)
         if global_batch % dp:
-            raise ValueError(f"global batch {global_batch} is not divisible by DP {dp} ({self.name})")
+            raise UsageError(f"global batch {global_batch} is not divisible by DP {dp} ({self.name})")
         mb = self.micro_batch or global_batch // dp
         if (global_batch // dp) % mb:
-            raise ValueError(f"micro batch {mb} does not divide the per-rank batch {global_batch // dp} ({self.name})")
+            raise UsageError(f"micro batch {mb} does not divide the per-rank batch {global_batch // dp} ({self.name})")
         return Layout(self.tp, self.pp, dp, self.zero, mb, "none", global_batch // (dp * mb))
 
     def check_nodes(self, gpus_per_node: int) -> None:
         """Across nodes (a hostfile) the launcher starts whole nodes: the count must fit that."""
         if self.processes > gpus_per_node and self.processes % gpus_per_node:
-            raise ValueError(f"{self.name}: with --hostfile the process count must be at most, or a multiple of, "
+            raise UsageError(f"{self.name}: with --hostfile the process count must be at most, or a multiple of, "
                              f"the {gpus_per_node} GPUs per node")
 
     @property
@@ -83,7 +84,7 @@ def calibrate(hw: Hardware, bench: dict) -> Hardware:
     * ``devices_share_peak``: True when the benchmark ran on a CPU (processes share the cores).
     """
     from ..models.sizes import get_config
-    from ..training.flops import model_flops_per_sample
+    from ..models.accounting import model_flops_per_sample
 
     res, cfg = bench["results"], bench["config"]
     tp = bench.get("layout", {}).get("tensor_parallel", 1)

@@ -28,9 +28,12 @@ import json
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from ..config.job import ParallelConfig
 from ..models.config import OV3Config
-from ..models.sizes import _layer_params, count_parameters, get_config
-from ..training.flops import model_flops_per_sample
+from ..models.accounting import count_parameters, layer_params, model_flops_per_sample
+from ..models.sizes import get_config
+from ..models.stages import stage_layout
+from ..errors import UsageError
 
 
 @dataclass
@@ -75,7 +78,7 @@ class Hardware:
         known = {f.name for f in dataclasses.fields(cls)}
         bad = sorted(set(d) - known)
         if bad:
-            raise ValueError(f"hardware profile {path!r} has unknown keys {bad}; known: {sorted(known)}")
+            raise UsageError(f"hardware profile {path!r} has unknown keys {bad}; known: {sorted(known)}")
         return cls(**d)
 
 
@@ -100,10 +103,12 @@ class Estimate:
 
 
 def _tower_shards(cfg: OV3Config, tp: int, pp: int) -> Dict[str, float]:
-    """Parameters on the last pipeline stage's rank (encoder share + whole other towers), by tower."""
+    """Parameters on the last pipeline stage's rank (its encoder share + the towers it owns whole), by tower."""
     n = count_parameters(cfg)
-    return {"encoder": n["encoder"] / (tp * pp), "decoder": n["decoder"] / tp, "text": n["text"] / tp,
-            "caption": n["caption"] / tp}
+    last = stage_layout(cfg, pp)[-1]
+    start, end = last.encoder_layers
+    return {"encoder": n["encoder"] * (end - start) / cfg.encoder.depth / tp,
+            **{t: n[t] / tp for t in last.towers}}
 
 
 def model_state_bytes(params: float, dp: int, zero: int, bf16: bool, largest_layer: float = 0.0) -> Dict[str, float]:
@@ -130,7 +135,7 @@ def _act_layer(s: int, b: int, h: int, a: int, t: int, recompute: str) -> float:
 
 
 def activation_bytes(cfg: OV3Config, image_size: int, lay: Layout, hw: Hardware, pixel_loss: bool = True) -> float:
-    n = (image_size // cfg.pixels_per_token) ** 2 + cfg.num_prefix_tokens
+    n = cfg.tokens_at(image_size) + cfg.num_prefix_tokens
     e, d, tx, c = cfg.encoder, cfg.decoder, cfg.text, cfg.caption
     b = lay.micro_batch
     enc_layer = _act_layer(n, b, e.width, e.heads, lay.tp, lay.recompute)
@@ -150,7 +155,7 @@ def estimate(cfg: OV3Config, image_size: int, global_batch: int, world: int, lay
     """``vae``: 'flux' (the FLUX.1 VAE's FLOPs) or 'tiny' (the toy VAE of CPU runs, for measured-mode checks)."""
     shards = _tower_shards(cfg, lay.tp, lay.pp)
     params = sum(shards.values())
-    largest = _layer_params(cfg.encoder.width, cfg.encoder.mlp) / lay.tp
+    largest = layer_params(cfg.encoder.width, cfg.encoder.mlp) / lay.tp
     mem = model_state_bytes(params, lay.dp, lay.zero, bf16, largest)
     mem["activations"] = activation_bytes(cfg, image_size, lay, hw)
     total = sum(mem.values())
@@ -162,7 +167,7 @@ def estimate(cfg: OV3Config, image_size: int, global_batch: int, world: int, lay
     transformer = sum(flops.values()) * global_batch / world
     recompute_factor = {"none": 1.0, "selective": 1.03, "full": 4.0 / 3.0}[lay.recompute]
     peak = (hw.peak_tflops_fp8 if fp8 else hw.peak_tflops_bf16) * 1e12
-    tokens = ((image_size // cfg.pixels_per_token) ** 2) * lay.micro_batch / lay.tp
+    tokens = cfg.tokens_at(image_size) * lay.micro_batch / lay.tp
     eff = hw.efficiency * min(1.0, (tokens / hw.saturation_tokens) ** 0.5)
     share = min(world, hw.gpus_per_node) if hw.devices_share_peak else 1
     t_compute = transformer * recompute_factor * share / (peak * eff) + hw.microbatch_overhead_s * lay.grad_accum
@@ -171,7 +176,7 @@ def estimate(cfg: OV3Config, image_size: int, global_batch: int, world: int, lay
     vae_flops = _vae_flops_per_image(image_size, vae, cfg.pixel_loss_fraction) * global_batch / lay.dp
     t_vae = vae_flops * share / (hw.peak_tflops_bf16 * 1e12 * hw.vae_tflops_fraction)
     # tensor-parallel all-reduces: 4 per layer per micro-batch (2 fwd, 2 bwd), ring over NVLink
-    n_tok = (image_size // cfg.pixels_per_token) ** 2
+    n_tok = cfg.tokens_at(image_size)
     act = n_tok * lay.micro_batch * cfg.encoder.width * 2
     layers = cfg.encoder.depth / lay.pp + cfg.decoder.depth + cfg.text.depth + cfg.caption.depth
     t_tp = 0.0 if lay.tp == 1 else 4 * layers * lay.grad_accum * 2 * (lay.tp - 1) / lay.tp * act / (hw.nvlink_gbps * 1e9)
@@ -193,8 +198,8 @@ def estimate(cfg: OV3Config, image_size: int, global_batch: int, world: int, lay
 def _vae_flops_per_image(image_size: int, vae: str = "flux", pixel_loss_fraction: float = 1.0) -> float:
     """Frozen-VAE FLOPs of one training sample with image input: encode + (decode forward + decode backward to
     the input, ~1x forward) for the pixel-loss share of the batch, counted for the FLUX.1 architecture or the
-    toy VAE (training/flops.py)."""
-    from ..training.flops import flux_vae_flops, tiny_vae_flops
+    toy VAE (models/accounting.py)."""
+    from ..models.accounting import flux_vae_flops, tiny_vae_flops
 
     enc, dec = flux_vae_flops(image_size) if vae == "flux" else tiny_vae_flops(image_size)
     return enc + 2 * dec * pixel_loss_fraction
@@ -204,13 +209,13 @@ def layouts(cfg: OV3Config, world: int, global_batch: int, gpus_per_node: int,
             micro_batches=(1, 2, 4, 8, 16, 32, 64)) -> List[Layout]:
     out = []
     for tp, pp in itertools.product((1, 2, 4, 8), (1, 2, 4, 8, 16)):
-        if tp > gpus_per_node or world % (tp * pp) or cfg.encoder.heads % tp or cfg.encoder.depth % pp:
+        if tp > gpus_per_node or cfg.encoder.depth % pp:
             continue
-        if any(t.heads % tp for t in (cfg.decoder, cfg.text, cfg.caption)):
+        if any(t.heads % tp for t in (cfg.encoder, cfg.decoder, cfg.text, cfg.caption)):
             continue
-        dp = world // (tp * pp)
+        dp = world // (tp * pp) if world % (tp * pp) == 0 else 0
         for mb, zero, rc in itertools.product(micro_batches, (0, 1, 2, 3), ("none", "selective", "full")):
-            if pp > 1 and zero > 1:
+            if not ParallelConfig(tp, pp, zero).is_valid(world, cfg):  # training's own layout rules
                 continue
             if global_batch % (mb * dp):
                 continue

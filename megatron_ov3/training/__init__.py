@@ -1,1 +1,1 @@
-"""Training: flags -> configs, DeepSpeed engine, loop, checkpoints, FLOP accounting."""
+"""Training: the trainer and its components (model builder, optimizer, DeepSpeed config, step, metrics, state)."""

@@ -46,9 +46,10 @@ def _convert(*args):
 def _reference(ckpt_dir):
     """megatron_ov3's own outputs for the checkpoint (single process, universal copy)."""
     from megatron_ov3 import parallel
-    from megatron_ov3.export.convert import load_source, resolve_universal
+    from megatron_ov3.checkpointing import resolve_universal
+    from megatron_ov3.export.convert import load_source
     from megatron_ov3.models import FrozenVAE, OV3Config, build_model
-    from megatron_ov3.training.universal import load_universal
+    from megatron_ov3.checkpointing.universal import load_universal
 
     parallel.initialize_model_parallel(1, 1)
     cfg, _, _ = load_source(ckpt_dir, progress=False)
@@ -185,7 +186,7 @@ def test_open_clip_export_and_round_trip(ckpt, tmp_path, mp1):
     assert r.returncode == 0, r.stderr[-3000:]
     from megatron_ov3.export.convert import load_source
     from megatron_ov3.models import FrozenVAE, OV3Config, build_model
-    from megatron_ov3.training.universal import load_universal
+    from megatron_ov3.checkpointing.universal import load_universal
 
     meta = json.load(open(uni / "meta.json"))
     again = build_model(OV3Config.from_dict(meta["model_config"]), vae=FrozenVAE.tiny())

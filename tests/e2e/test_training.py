@@ -135,7 +135,7 @@ def test_usage_errors_exit_2(dataset, tmp_path):
     assert r.returncode == 2 and "--sequence-parallel needs --tensor-model-parallel-size > 1" in r.stderr
     init = tmp_path / "imported"
     init.mkdir()
-    (init / "meta.json").write_text('{"model_config": {"pos_embed_type": "learned"}}')
+    (init / "meta.json").write_text('{"model_config": {"position_embedding_type": "learned"}}')
     r = run(*base, "--micro-batch-size", 4, "--global-batch-size", 4, "--init-universal", init)
     assert r.returncode == 2 and "set --position-embedding-type to match" in r.stderr, r.stderr[-2000:]
     r = run("--help")

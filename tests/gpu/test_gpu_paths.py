@@ -26,12 +26,12 @@ def _step(impl, dtype, convert=None):
 
 
 def test_bf16_step_local_spec(mp1):
-    _step(LayerImplConfig(backend="local", params_dtype=torch.bfloat16, bf16=True), torch.bfloat16)
+    _step(LayerImplConfig(transformer_impl="local", bf16=True), torch.bfloat16)
 
 
 @pytest.mark.te
 def test_fp8_hybrid_step_te_spec(mp1):
-    _step(LayerImplConfig(backend="te", params_dtype=torch.bfloat16, bf16=True, fp8="hybrid"), torch.bfloat16)
+    _step(LayerImplConfig(transformer_impl="te", bf16=True, fp8_format="hybrid"), torch.bfloat16)
 
 
 def test_fp8_torchao_step_local_spec(mp1):
@@ -41,9 +41,9 @@ def test_fp8_torchao_step_local_spec(mp1):
 
     if not fp8_gemm_supported(torch.device("cuda")):
         pytest.skip("this GPU has no FP8 GEMMs (needs compute capability >= 8.9)")
-    impl = LayerImplConfig(backend="local", params_dtype=torch.bfloat16, bf16=True, fp8="hybrid")
+    impl = LayerImplConfig(transformer_impl="local", bf16=True, fp8_format="hybrid")
     torch.manual_seed(0)
-    ref = _step(LayerImplConfig(backend="local", params_dtype=torch.bfloat16, bf16=True), torch.bfloat16)
+    ref = _step(LayerImplConfig(transformer_impl="local", bf16=True), torch.bfloat16)
     torch.manual_seed(0)
     out = _step(impl, torch.bfloat16, convert=lambda m: apply_converters(m, impl, torch.device("cuda")))
     assert abs(float(out["caption_loss"]) - float(ref["caption_loss"])) < 0.05 * float(ref["caption_loss"])
@@ -52,7 +52,7 @@ def test_fp8_torchao_step_local_spec(mp1):
 def test_compiled_layers_step(mp1):
     from megatron_ov3.converters import apply_converters
 
-    impl = LayerImplConfig(backend="local", params_dtype=torch.bfloat16, bf16=True, compile=True)
+    impl = LayerImplConfig(transformer_impl="local", bf16=True, torch_compile=True)
     _step(impl, torch.bfloat16, convert=lambda m: apply_converters(m, impl, torch.device("cuda")))
 
 
@@ -74,7 +74,7 @@ def test_benchmark_real_size(mp1):
     from megatron_ov3.perf.benchmark import Bench, BenchConfig, format_report
 
     bc = BenchConfig(size="B", image_size=256, micro_batch=8, steps=3, warmup=2, bare_compile=True,
-                     vae_decode=VAEDecodeConfig(channels_last=True, autocast_bf16=True, compile=True))
+                     vae_decode=VAEDecodeConfig(channels_last=True, autocast_bf16=True, torch_compile=True))
     rep = Bench(bc, torch.device("cuda")).run()
     print(format_report(rep))
     assert {"ov3_vs_naive", "encoder_vs_bare_vit", "encoder_vs_bare_vit_compiled",

@@ -29,10 +29,10 @@ def test_negative_weight():
 
 
 def test_impl_validation():
-    with pytest.raises(ConfigError, match="fp8 'e5m2' unknown"):
-        LayerImplConfig(fp8="e5m2")
-    with pytest.raises(ConfigError, match="backend 'cuda' unknown"):
-        LayerImplConfig(backend="cuda")
+    with pytest.raises(ConfigError, match="fp8_format 'e5m2' unknown"):
+        LayerImplConfig(fp8_format="e5m2")
+    with pytest.raises(ConfigError, match="transformer_impl 'cuda' unknown"):
+        LayerImplConfig(transformer_impl="cuda")
 
 
 def test_dict_roundtrip_and_unknown_field():

@@ -70,9 +70,9 @@ def test_float8_gemm_equals_torchao_float8_linear(mp1, cls, fmt):
 def test_float8_ov3_step_close_to_high_precision(fresh_seed):
     """Every transformer-layer linear of the tiny OV3 is converted (heads are not); keys are unchanged; the
     emulated FP8 losses differ from fp32 (quantisation happened) but only by FP8's error."""
-    ref = tiny_model(impl=LayerImplConfig(backend="local"))
-    model = tiny_model(impl=LayerImplConfig(backend="local", fp8="hybrid"))
-    lines = apply_converters(model, LayerImplConfig(backend="local", fp8="hybrid"), CPU)
+    ref = tiny_model(impl=LayerImplConfig(transformer_impl="local"))
+    model = tiny_model(impl=LayerImplConfig(transformer_impl="local", fp8_format="hybrid"))
+    lines = apply_converters(model, LayerImplConfig(transformer_impl="local", fp8_format="hybrid"), CPU)
     layers = sum(c.depth for c in (model.cfg.encoder, model.cfg.decoder, model.cfg.text, model.cfg.caption))
     assert lines == [f"fp8-hybrid (torchao float8, emulated on CPU): {4 * layers} linears"]
     assert sum(is_float8(m) for m in model.modules()) == 4 * layers
@@ -89,7 +89,7 @@ def test_float8_ov3_step_close_to_high_precision(fresh_seed):
 
 
 def test_float8_refusals(mp1, monkeypatch):
-    model = tiny_model(impl=LayerImplConfig(backend="local"))
+    model = tiny_model(impl=LayerImplConfig(transformer_impl="local"))
     with pytest.raises(f8.Float8Unavailable, match="compute capability"):
         convert_to_float8(model, "hybrid", emulate=False, device=CPU)
     with pytest.raises(ValueError, match="fp8 format 'e5m2' is unknown"):
@@ -102,9 +102,9 @@ def test_float8_refusals(mp1, monkeypatch):
 
 def test_compiled_layers_equal_eager(fresh_seed):
     """torch.compile (inductor) of every transformer layer: same losses and gradients as eager, same keys."""
-    ref = tiny_model(impl=LayerImplConfig(backend="local"))
-    model = tiny_model(impl=LayerImplConfig(backend="local"))
-    lines = apply_converters(model, LayerImplConfig(backend="local", compile=True), CPU)
+    ref = tiny_model(impl=LayerImplConfig(transformer_impl="local"))
+    model = tiny_model(impl=LayerImplConfig(transformer_impl="local"))
+    lines = apply_converters(model, LayerImplConfig(transformer_impl="local", torch_compile=True), CPU)
     layers = sum(c.depth for c in (model.cfg.encoder, model.cfg.decoder, model.cfg.text, model.cfg.caption))
     assert lines == [f"torch.compile: {layers} transformer layers"]
     assert list(model.state_dict()) == list(ref.state_dict())

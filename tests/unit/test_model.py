@@ -109,7 +109,7 @@ def test_pixel_loss_share_is_counted_in_whole_samples():
     """The model decodes ceil(f x B) samples; the FLOP count uses the same share (0.1 of 4 is 1 sample = 25%)
     and float noise does not add a sample (0.07 x 100 is 7)."""
     from megatron_ov3.models.config import pixel_loss_samples
-    from megatron_ov3.training.flops import step_flops_per_sample
+    from megatron_ov3.models.accounting import step_flops_per_sample
 
     assert [pixel_loss_samples(f, b) for f, b in ((0.1, 4), (0.07, 100), (0.5, 4), (1.0, 8), (0.01, 3))] == \
         [1, 7, 2, 8, 1]
@@ -123,7 +123,7 @@ def test_vae_flop_count_is_cached_without_keeping_the_vae():
     import gc
     import weakref
 
-    from megatron_ov3.training.flops import vae_fwd_flops
+    from megatron_ov3.models.accounting import vae_fwd_flops
 
     vae = FrozenVAE.tiny()
     first = vae_fwd_flops(vae, 32)
@@ -160,7 +160,7 @@ def test_sincos_interpolates_between_resolutions():
 
 
 def test_learned_position_table_resizes_like_open_clip(mp1):
-    cfg = get_config("tiny", image_size=64, class_token=True, pos_embed_type="learned", pos_embed_ref_grid=8)
+    cfg = get_config("tiny", image_size=64, class_token=True, position_embedding_type="learned", pos_embed_ref_grid=8)
     model = build_model(cfg, vae=FrozenVAE.tiny())
     enc = model.encoder
     torch.testing.assert_close(enc.pos_embed.detach(), sincos_2d(cfg.encoder.width, 8, 8))  # initialised as sincos

@@ -92,7 +92,7 @@ def test_plan_ranks_fitting_layouts():
 
 def test_vae_time_follows_the_pixel_loss_fraction():
     from megatron_ov3.scaling.planner import _vae_flops_per_image
-    from megatron_ov3.training.flops import flux_vae_flops
+    from megatron_ov3.models.accounting import flux_vae_flops
 
     enc, dec = flux_vae_flops(256)
     assert _vae_flops_per_image(256) == enc + 2 * dec

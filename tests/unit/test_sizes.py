@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megatron_ov3.models import SIZES, build_model, get_config
-from megatron_ov3.models.sizes import count_parameters
+from megatron_ov3.models.accounting import count_parameters
 
 # size: (encoder, decoder, text, caption)  — trainable parameters, vocab 32000 (tiny: 512), 256px
 TABLE = {
@@ -46,7 +46,7 @@ def test_open_clip_compatible_b2_count(mp1):
     """With a class token and a learned position table (the open_clip layout), OV3-B's encoder is exactly the
     released OV3-B/2 (85,893,120 parameters); with sincos positions it is the same less the 257-row table."""
     for pos, table in (("learned", 0), ("sincos", 257 * 768)):
-        cfg = get_config("B", class_token=True, pos_embed_type=pos)
+        cfg = get_config("B", class_token=True, position_embedding_type=pos)
         with torch.device("meta"):
             model = build_model(cfg)
         n = sum(p.numel() for p in model.encoder.parameters())

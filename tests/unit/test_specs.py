@@ -27,8 +27,8 @@ def test_mask_types():
 def test_sdpa_matches_unfused_megatron_attention(mp1, causal):
     tower = TowerConfig(64, 2, 128, 4)
     torch.manual_seed(0)
-    a = build_block(tower, LayerImplConfig(attention="sdpa"), causal=causal, eps=1e-6, name="t")
-    b = build_block(tower, LayerImplConfig(attention="unfused"), causal=causal, eps=1e-6, name="t")
+    a = build_block(tower, LayerImplConfig(attention_backend="sdpa"), causal=causal, eps=1e-6, name="t")
+    b = build_block(tower, LayerImplConfig(attention_backend="unfused"), causal=causal, eps=1e-6, name="t")
     b.load_state_dict(a.state_dict())
     x = torch.randn(3, 10, 64)
     if causal:  # megatron's unfused path needs an explicit causal mask (True = masked)
@@ -57,6 +57,6 @@ def test_te_spec_builds_and_runs(mp1):
     from megatron_ov3.models import build_model, get_config
 
     cfg = get_config("tiny", image_size=64)
-    model = build_model(cfg, LayerImplConfig(backend="te")).cuda()
+    model = build_model(cfg, LayerImplConfig(transformer_impl="te")).cuda()
     out = model.encoder(torch.randn(2, 16, 8, 8, device="cuda"))
     assert out.tokens.shape == (2, 16, 64)

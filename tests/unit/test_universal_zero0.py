@@ -33,7 +33,7 @@ def _step(engine, dtype):
 
 @pytest.mark.parametrize("bf16", [True, False])
 def test_zero0_universal_round_trip_reaches_fp32_masters(mp1, tmp_path, bf16):
-    from megatron_ov3.training import universal
+    from megatron_ov3.checkpointing import universal
 
     dtype = torch.bfloat16 if bf16 else torch.float32
     src = _engine(bf16, seed=0)

@@ -19,12 +19,14 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 import torch.distributed as dist
+from ..errors import MissingFile, UsageError
+from .deepspeed_io import (ADAM_STATES, adam_steps, ensure_adam_state, fp32_masters, full_values,
+                           relink_optimizer_states, step_tensor, torch_optimizer, unwrap)
 
-ADAM_STATES = ("exp_avg", "exp_avg_sq")
 _LAYER = re.compile(r"^(.*\.block\.layers\.)(\d+)(\..*)$")
 
 
@@ -42,81 +44,6 @@ def global_name(name: str, offsets: Dict[str, int]) -> str:
     if not m:
         return name
     return f"{m.group(1)}{int(m.group(2)) + offsets.get(m.group(1), 0)}{m.group(3)}"
-
-
-def _unwrap(engine):
-    return engine.module if hasattr(engine, "module") else engine
-
-
-def _torch_optimizer(engine):
-    opt = engine.optimizer
-    while hasattr(opt, "optimizer") and not isinstance(opt, torch.optim.Optimizer):
-        opt = opt.optimizer
-    return opt
-
-
-def _full_values(engine, param, masters: Dict[int, torch.Tensor]) -> Dict[str, Optional[torch.Tensor]]:
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-    if engine is None or engine is _unwrap(engine):  # a plain module: weights only
-        return {"": param.detach().float()}
-    if hasattr(param, "ds_id"):
-        raise ValueError("universal checkpoints do not support ZeRO-3; save with --zero-stage 1 or 2")
-    out = {"": safe_get_full_fp32_param(param)}
-    if out[""] is not None:
-        for k in ADAM_STATES:
-            out[k] = safe_get_full_optimizer_state(param, k)
-        return out
-    # ZeRO-0: plain torch optimizer state on the parameter itself, or (bf16) on its fp32 master copy
-    master = masters.get(id(param), param)
-    state = _torch_optimizer(engine).state.get(master, {})
-    out[""] = master.detach().float()
-    for k in ADAM_STATES:
-        out[k] = state.get(k)
-    return out
-
-
-def _fp32_masters(engine) -> Dict[int, torch.Tensor]:
-    """``id(param) -> fp32 master copy`` that DeepSpeed's unfused bf16/fp16 optimizer (ZeRO-0 with --bf16)
-    keeps, which is what its torch optimizer updates and holds state for; empty for every other optimizer
-    (a parameter is then its own master)."""
-    opt = getattr(engine, "optimizer", None)
-    low, high = getattr(opt, "fp16_groups", None) or [], getattr(opt, "fp32_groups", None) or []
-    return {id(lp): hp for lg, hg in zip(low, high) for lp, hp in zip(lg, hg)}
-
-
-def _step_tensor(step: float, like: torch.Tensor, group: dict) -> torch.Tensor:
-    """AdamW's ``step`` state as torch creates it: on the parameter's device for fused/capturable AdamW (the
-    fused CUDA kernel reads it there), on the CPU otherwise."""
-    on_device = group.get("fused") or group.get("capturable")
-    return torch.tensor(float(step), dtype=torch.float32, device=like.device if on_device else "cpu")
-
-
-def _relink_optimizer_states(engine) -> None:
-    """DeepSpeed's ZeRO-1/2 optimizer links each parameter to its slice of the Adam state once, after its first
-    step; a param group whose state did not exist yet at that moment (seen for the no-weight-decay group) stays
-    unlinked and ``safe_get_full_optimizer_state`` fails on it. Re-link now that every state exists."""
-    opt = getattr(engine, "optimizer", None)
-    if opt is not None and hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
-        opt._hp_optimizer_states_linked = False
-        opt._lazy_init_hp_params_optimizer_state()
-
-
-def _ensure_adam_state(engine) -> None:
-    """Before the first step the torch AdamW under ZeRO has no state yet; create the (zero) state AdamW would
-    create, so the loaded moments have somewhere to go."""
-    opt = getattr(engine, "optimizer", None)
-    flats = getattr(opt, "single_partition_of_fp32_groups", None)
-    if not flats:
-        return
-    torch_opt = _torch_optimizer(engine)
-    groups = {id(p): g for g in torch_opt.param_groups for p in g["params"]}
-    for flat in flats:
-        st = torch_opt.state[flat]
-        if "exp_avg" not in st:
-            st["step"] = _step_tensor(0, flat, groups.get(id(flat), {}))
-            st["exp_avg"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
-            st["exp_avg_sq"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
 
 
 def _tp_gather(t: torch.Tensor, param) -> torch.Tensor:
@@ -139,29 +66,21 @@ def _tp_slice(t: torch.Tensor, param) -> torch.Tensor:
     return t.chunk(tp, dim=param.partition_dim)[r].contiguous()
 
 
-def _adam_steps(engine) -> Optional[int]:
-    """AdamW's own step count on this rank (None for a bare module or before the first step)."""
-    if engine is None or engine is _unwrap(engine):
-        return None
-    steps = [float(st["step"]) for st in _torch_optimizer(engine).state.values() if "step" in st]
-    return int(max(steps)) if steps else None
-
-
 def save_universal(engine, directory: str, meta: dict) -> None:
     """Collective over all ranks: write ``directory/universal``."""
     from megatron.core import parallel_state as ps
     from safetensors.torch import save_file
 
-    model = _unwrap(engine)
-    _relink_optimizer_states(engine)
+    model = unwrap(engine)
+    relink_optimizer_states(engine)
     offsets = _layer_offsets(model)
-    masters = _fp32_masters(engine)
+    masters = fp32_masters(engine)
     tensors = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         g = global_name(name, offsets)
-        for k, v in _full_values(engine, p, masters).items():
+        for k, v in full_values(engine, p, masters).items():
             if v is None:
                 continue
             v = _tp_gather(v.detach().float().cpu(), p)
@@ -173,7 +92,7 @@ def save_universal(engine, directory: str, meta: dict) -> None:
         save_file(tensors, os.path.join(out, f"stage{ps.get_pipeline_model_parallel_rank()}.safetensors"))
     if dist.get_rank() == 0:
         os.makedirs(out, exist_ok=True)
-        steps = _adam_steps(engine)  # the updates Adam really applied (skipped steps and warm-up steps counted
+        steps = adam_steps(engine)  # the updates Adam really applied (skipped steps and warm-up steps counted
         if steps is not None:        # as the optimizer counts them), which the bias correction depends on
             meta = dict(meta, optimizer_step=steps)
         full = dict(meta, pipeline_stages=ps.get_pipeline_model_parallel_world_size(),
@@ -187,7 +106,7 @@ def save_universal(engine, directory: str, meta: dict) -> None:
 def read_meta(directory: str) -> dict:
     """``meta.json`` of a universal checkpoint directory (layout, iteration, model config)."""
     if not os.path.isfile(os.path.join(directory, "meta.json")):
-        raise FileNotFoundError(f"{directory!r} is not a universal checkpoint (no meta.json)")
+        raise MissingFile(f"{directory!r} is not a universal checkpoint (no meta.json)")
     return json.load(open(os.path.join(directory, "meta.json")))
 
 
@@ -200,7 +119,7 @@ def read_universal(directory: str) -> tuple:
     for s in range(int(meta["pipeline_stages"])):
         path = os.path.join(directory, f"stage{s}.safetensors")
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"universal checkpoint shard {path!r} is missing")
+            raise MissingFile(f"universal checkpoint shard {path!r} is missing")
         h = safe_open(path, framework="pt")
         for k in h.keys():
             handles[k] = h
@@ -214,26 +133,26 @@ def load_universal(engine, directory: str, load_optimizer: bool = True) -> dict:
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     meta, handles = read_universal(directory)
-    model = _unwrap(engine)
+    model = unwrap(engine)
     offsets = _layer_offsets(model)
-    masters = _fp32_masters(engine)
+    masters = fp32_masters(engine)
     missing = []
-    torch_opt = _torch_optimizer(engine) if load_optimizer else None
+    torch_opt = torch_optimizer(engine) if load_optimizer else None
     if load_optimizer:
-        _ensure_adam_state(engine)
-        _relink_optimizer_states(engine)
+        ensure_adam_state(engine)
+        relink_optimizer_states(engine)
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if hasattr(p, "ds_id"):
-            raise ValueError("universal checkpoints do not support ZeRO-3; resume with --zero-stage 1 or 2")
+            raise UsageError("universal checkpoints do not support ZeRO-3; resume with --zero-stage 1 or 2")
         g = global_name(name, offsets)
         if g not in handles:
             missing.append(g)
             continue
         value = _tp_slice(handles[g].get_tensor(g), p)
         if value.shape != p.shape:
-            raise ValueError(f"universal checkpoint has {g} of shape {tuple(value.shape)}, this model needs "
+            raise UsageError(f"universal checkpoint has {g} of shape {tuple(value.shape)}, this model needs "
                              f"{tuple(p.shape)} (different model size?)")
         master = masters.get(id(p), p)
         with torch.no_grad():
@@ -259,11 +178,11 @@ def load_universal(engine, directory: str, load_optimizer: bool = True) -> dict:
             print(f"universal checkpoint is partial ({meta.get('source', '')}): {len(missing)} parameters keep "
                   f"their initialisation (e.g. {missing[:2]})", flush=True)
     elif missing:
-        raise ValueError(f"universal checkpoint lacks {len(missing)} parameters, e.g. {missing[:3]} "
+        raise UsageError(f"universal checkpoint lacks {len(missing)} parameters, e.g. {missing[:3]} "
                          f"(different model size or options?)")
     if load_optimizer and "optimizer_step" in meta:
         for group in torch_opt.param_groups:
             for q in group["params"]:
                 if q in torch_opt.state:
-                    torch_opt.state[q]["step"] = _step_tensor(meta["optimizer_step"], q, group)
+                    torch_opt.state[q]["step"] = step_tensor(meta["optimizer_step"], q, group)
     return meta

@@ -1,4 +1,10 @@
-"""Analytic FLOP count of one whole OV3 training step (per sample), for TFLOP/s and MFU.
+"""Model accounting, the one public place for it: analytic parameter counts of every tower and the FLOPs of
+one whole OV3 training step (per sample), for TFLOP/s, MFU, the planner and the benchmark.
+
+Parameters: per transformer layer 2 LayerNorms (4W) + QKV (3W^2+3W) + out proj (W^2+W) + fc1 (WM+M) + fc2
+(MW+W), plus each tower's embeddings and heads (:func:`count_parameters`; tested against built models).
+
+FLOPs:
 
 Transformer towers (matmuls only; softmax/norms/elementwise ignored, as in Megatron's accounting), per layer
 and token of a sequence of length S, width W, MLP M, forward:  2*(3W^2 + W^2 + 2WM)  [QKV, out-proj, MLP]
@@ -12,31 +18,66 @@ encode = 1x forward (no grad); decode for the pixel loss = forward + backward to
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 
-from ..models.config import OV3Config, TowerConfig, pixel_loss_samples
-from ..models.text import padded_vocab_size
+from .config import OV3Config, TowerConfig, pixel_loss_samples
+from .text import padded_vocab_size
 
 
-def _tower_fwd(t: TowerConfig, seq: int) -> float:
+def layer_params(width: int, mlp: int) -> int:
+    # 2 LayerNorms (4W) + QKV (3W^2+3W) + out proj (W^2+W) + fc1 (WM+M) + fc2 (MW+W)
+    return 4 * width * width + 2 * width * mlp + 9 * width + mlp
+
+
+def stack_params(t: TowerConfig) -> int:
+    return t.depth * layer_params(t.width, t.mlp)
+
+
+def count_parameters(cfg: OV3Config) -> Dict[str, int]:
+    """Analytic trainable-parameter count per tower (the frozen VAE and fixed sincos tables excluded; a learned
+    encoder position table and class position included).
+
+    Used by the FLOP counter and the scaling planner; tests check it against models built on the meta device.
+    """
+    e, d, t, c = cfg.encoder, cfg.decoder, cfg.text, cfg.caption
+    vocab = padded_vocab_size(cfg.vocab_size)
+    patch_out = cfg.patch_size ** 2 * cfg.latent_channels
+    learned_pos = (cfg.pos_embed_ref_grid ** 2 + int(cfg.class_token)) * e.width \
+        if cfg.position_embedding_type == "learned" else 0
+    counts = {
+        "encoder": patch_out * e.width + cfg.num_prefix_tokens * e.width + learned_pos + stack_params(e)
+        + 2 * e.width + e.width * cfg.embed_dim,
+        "decoder": e.width * d.width + d.width + stack_params(d) + 2 * d.width + d.width * patch_out + patch_out,
+        "text": vocab * t.width + cfg.text_context_length * t.width + stack_params(t) + 2 * t.width
+        + t.width * cfg.embed_dim,
+        "caption": e.width * c.width + c.width + vocab * c.width + cfg.caption_length * c.width + stack_params(c)
+        + 2 * c.width + c.width * vocab,
+        "logit_scale": 1,
+    }
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def tower_forward_flops(t: TowerConfig, seq: int) -> float:
+    """Forward matmul FLOPs of one transformer stack over one sequence of ``seq`` tokens."""
     per_token = 2 * (4 * t.width ** 2 + 2 * t.width * t.mlp) + 4 * seq * t.width
     return float(t.depth * seq * per_token)
 
 
 def model_flops_per_sample(cfg: OV3Config, image_size: int) -> dict:
     """Training FLOPs per sample of each trainable part (fwd+bwd)."""
-    n = (image_size // cfg.pixels_per_token) ** 2
+    n = cfg.tokens_at(image_size)
     s_enc = n + cfg.num_prefix_tokens
     p2c = cfg.patch_size ** 2 * cfg.latent_channels
     e, d, t, c = cfg.encoder, cfg.decoder, cfg.text, cfg.caption
     vocab = padded_vocab_size(cfg.vocab_size)
     fwd = {
-        "encoder": _tower_fwd(e, s_enc) + 2 * n * p2c * e.width + 2 * e.width * cfg.embed_dim,
-        "decoder": _tower_fwd(d, n) + 2 * n * (e.width * d.width + d.width * p2c),
-        "text": _tower_fwd(t, cfg.text_context_length) + 2 * t.width * cfg.embed_dim,
-        "caption": _tower_fwd(c, n + cfg.caption_length) + 2 * n * e.width * c.width
+        "encoder": tower_forward_flops(e, s_enc) + 2 * n * p2c * e.width + 2 * e.width * cfg.embed_dim,
+        "decoder": tower_forward_flops(d, n) + 2 * n * (e.width * d.width + d.width * p2c),
+        "text": tower_forward_flops(t, cfg.text_context_length) + 2 * t.width * cfg.embed_dim,
+        "caption": tower_forward_flops(c, n + cfg.caption_length) + 2 * n * e.width * c.width
         + 2 * cfg.caption_length * c.width * vocab,
     }
     return {k: 3.0 * v for k, v in fwd.items()}
@@ -94,7 +135,7 @@ def flux_vae_flops(image_size: int) -> tuple:
     from diffusers import AutoencoderKL
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ..models.vae import FLUX_VAE_CONFIG
+    from .vae import FLUX_VAE_CONFIG
 
     with torch.device("meta"):
         ae = AutoencoderKL(**FLUX_VAE_CONFIG)
@@ -109,6 +150,6 @@ def flux_vae_flops(image_size: int) -> tuple:
 @functools.lru_cache(maxsize=8)
 def tiny_vae_flops(image_size: int) -> tuple:
     """(encode, decode) forward FLOPs per image of the toy VAE (``FrozenVAE.tiny``) of CPU runs."""
-    from ..models.vae import FrozenVAE
+    from .vae import FrozenVAE
 
     return vae_fwd_flops(FrozenVAE.tiny(), image_size)

@@ -1,0 +1,101 @@
+"""Starting a run from a checkpoint: exact resume, resharded resume, a new stage's weights, a universal init."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable, Optional
+
+from ..errors import MissingFile, UsageError
+from . import deepspeed_io, universal
+from . import format as fmt
+
+
+def current_layout(zero_stage: int) -> dict:
+    from megatron.core import parallel_state as ps
+
+    return {"tensor_parallel": ps.get_tensor_model_parallel_world_size(),
+            "pipeline_stages": ps.get_pipeline_model_parallel_world_size(),
+            "data_parallel": ps.get_data_parallel_world_size(), "zero_stage": zero_stage}
+
+
+def same_layout(directory: str, tag: str, zero_stage: int) -> bool:
+    path = os.path.join(directory, tag, "universal", "meta.json")
+    if not os.path.isfile(path):
+        return True  # no universal copy: only the DeepSpeed files can be used
+    meta = json.load(open(path))
+    return all(meta.get(k) == v for k, v in current_layout(zero_stage).items())
+
+
+def _latest(directory: str, flag: str) -> str:
+    tag = fmt.read_latest(directory) if os.path.isdir(directory) else None
+    if tag is None:
+        raise MissingFile(f"{flag} {directory!r} holds no checkpoint ('latest' missing)")
+    return tag
+
+
+def _sync_lr(engine) -> None:
+    """The optimizer's learning rates from the scheduler's position (loaded states carry older ones)."""
+    for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
+        group["lr"] = lr
+
+
+def resume(engine, directory: str, zero_stage: int) -> tuple:
+    """Exact resume (DeepSpeed files) when the layout is unchanged; otherwise reshard from the universal copy.
+    Returns (client state, how it was loaded)."""
+    tag = _latest(directory, "--load")
+    if same_layout(directory, tag, zero_stage):
+        tag, client, rng = deepspeed_io.load(engine, directory)
+        if rng is not None:
+            deepspeed_io.set_rng_state(rng)
+        return client, "same layout"
+    client = universal.load_universal(engine, os.path.join(directory, tag, "universal"))
+    engine.lr_scheduler.load_state_dict(client["scheduler"])
+    _sync_lr(engine)
+    return client, (f"resharded from TP{client['tensor_parallel']} x PP{client['pipeline_stages']} x "
+                    f"DP{client['data_parallel']} ZeRO-{client['zero_stage']}")
+
+
+def restore_weights(engine, directory: str, zero_stage: int, keep_optimizer: bool) -> None:
+    """A new stage (``--finetune-from``): the weights (and, asked, Adam's moments), never the schedule."""
+    tag = _latest(directory, "--finetune-from")
+    if same_layout(directory, tag, zero_stage):
+        deepspeed_io.load(engine, directory, module_only=not keep_optimizer, load_optimizer=keep_optimizer,
+                          load_scheduler=False)
+    else:
+        universal.load_universal(engine, os.path.join(directory, tag, "universal"), load_optimizer=keep_optimizer)
+    _sync_lr(engine)  # start this stage's schedule
+
+
+# config fields that change which encoder parameters exist, and the flag that sets each
+INIT_FIELDS = {"position_embedding_type": "--position-embedding-type", "pos_embed_ref_grid": "--pos-embed-ref-grid",
+               "class_token": "--class-token", "register_tokens": "--register-tokens"}
+
+
+def init_from_universal(model, cfg, directory: str, log: Callable[[str], None] = print) -> None:
+    """``--init-universal``: weights into the bare model before ZeRO partitions anything (every stage works);
+    the encoder options must match the checkpoint's (the flag that differs is named)."""
+    from ..models import OV3Config
+
+    saved = universal.read_meta(directory).get("model_config", {})
+    saved = OV3Config.from_dict(saved).to_dict() if "encoder" in saved else dict(saved)
+    if "pos_embed_type" in saved:
+        saved["position_embedding_type"] = saved.pop("pos_embed_type")
+    mine = cfg.to_dict()
+    for field, flag in INIT_FIELDS.items():
+        if field in saved and saved[field] != mine[field]:
+            raise UsageError(f"--init-universal {directory} was made with {field}={saved[field]!r} but this run "
+                             f"has {mine[field]!r}; set {flag} to match")
+    meta = universal.load_universal(model, directory, load_optimizer=False)
+    log(f"initialised weights from universal checkpoint {directory} ({meta.get('source', '')})")
+
+
+def data_state_for(client: dict, dp_size: int, dp_rank: int, log: Callable[[str], None]) -> Optional[dict]:
+    """This rank's saved data position (None: restart the stream, with a warning when positions exist)."""
+    states = client.get("data_states") or []
+    if len(states) == dp_size:
+        return states[dp_rank]
+    if states and "consumed" in (states[0] or {}):
+        return {"consumed": int(client.get("consumed_samples", 0))}  # mock data: layout-independent
+    log(f"warning: checkpoint has data positions for {len(states)} data-parallel ranks, this run has "
+        f"{dp_size}; the data stream restarts (resume is not exact)")
+    return None

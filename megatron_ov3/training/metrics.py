@@ -1,0 +1,151 @@
+"""Training metrics: one record per logged iteration, written to pluggable sinks (rank 0 only).
+
+The record is one flat dict, the JSONL schema shared with :mod:`megatron_ov3.scaling.measure` (which reads
+``step_time_s`` and ``memory_mb_max_rank`` back): ``iteration``, every loss and metric the model returns
+(averaged over the interval and the data-parallel ranks), then the keys of :data:`RECORD_KEYS`.
+Sinks: :class:`ConsoleSink` (the log line), :class:`JsonlSink` (``--metrics-file``), :class:`TensorBoardSink`
+(``--tensorboard-dir``) and :class:`WandbSink` (``--wandb-project``); a new sink is a class with
+``write(record)`` and ``close()``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Iterable, List
+
+from ..errors import UsageError
+from ..models import LOSS_NAMES
+
+RECORD_KEYS = ("lr", "grad_norm", "samples_per_s", "tflops_per_device", "step_time_s", "memory_mb",
+               "memory_mb_max_rank", "bad_samples", "skipped_steps")
+"""Keys every record has besides ``iteration`` and the model's own losses/metrics."""
+
+
+def read_jsonl(path: str) -> List[dict]:
+    """The records of a metrics file, in order."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class ConsoleSink:
+    """The one-line training log (iteration k/N, every loss, lr, grad norm, throughput, memory, ETA)."""
+
+    def __init__(self, total_iters: int):
+        self.total = total_iters
+
+    def write(self, r: dict) -> None:
+        losses = " | ".join(f"{k} {r[k]:.4f}" for k in ("total_loss",) + LOSS_NAMES if k in r)
+        bad = r["bad_samples"]
+        eta = (self.total - r["iteration"]) * r["step_time_s"]
+        print(f"iteration {r['iteration']:6d}/{self.total} | {losses} | acc i2t {r.get('contrastive_acc_i2t', 0):.3f}"
+              f" | lr {r['lr']:.3e} | grad norm {float('nan') if r['grad_norm'] is None else r['grad_norm']:.3f} | samples/s {r['samples_per_s']:.1f} | "
+              f"TFLOP/s/device {r['tflops_per_device']:.4f} | mem {r['memory_mb']:.0f} MB | "
+              f"skipped steps {r['skipped_steps']} | bad samples {sum(bad.values())}"
+              + (f" {({k: v for k, v in bad.items() if v})}" if any(bad.values()) else "")
+              + f" | ETA {_duration(eta)}", flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+def _duration(seconds: float) -> str:
+    s = int(max(0.0, seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+class JsonlSink:
+    """Appends each record as one JSON line."""
+
+    def __init__(self, path: str):
+        if os.path.isdir(path):
+            raise UsageError(f"--metrics-file {path!r} is a folder; give a file path")
+        self.path = path
+
+    def write(self, r: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(r) + "\n")
+
+    def close(self) -> None:
+        pass
+
+
+class TensorBoardSink:
+    """Scalars under ``train/`` (losses, lr, throughput, grad norm, skipped steps) and ``data/bad_<reason>``."""
+
+    def __init__(self, log_dir: str):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir)
+
+    def write(self, r: dict) -> None:
+        it = r["iteration"]
+        for k, v in r.items():
+            if k == "bad_samples":
+                for reason, n in v.items():
+                    self.writer.add_scalar(f"data/bad_{reason}", n, it)
+            elif k != "iteration" and isinstance(v, (int, float)):
+                self.writer.add_scalar(f"train/{k}", v, it)
+        self.writer.flush()
+
+    def add_eval(self, iteration: int, report: dict, grid=None) -> None:
+        for k, v in report.items():
+            self.writer.add_scalar(f"eval/{k}", v, iteration)
+        if grid is not None:
+            self.writer.add_image("eval/reconstructions", grid, iteration)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbSink:
+    """wandb run (offline unless WANDB_MODE says otherwise)."""
+
+    def __init__(self, project: str, config: dict):
+        try:
+            import wandb
+        except ImportError:
+            raise UsageError("--wandb-project needs wandb: pip install -e .[wandb]") from None
+        os.environ.setdefault("WANDB_MODE", "offline")
+        self.run = wandb.init(project=project, config=config)
+
+    def write(self, r: dict) -> None:
+        self.run.log({f"train/{k}": v for k, v in r.items() if isinstance(v, (int, float)) and k != "iteration"},
+                     step=r["iteration"])
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MetricsLogger:
+    """Fans one record out to every sink."""
+
+    def __init__(self, sinks: Iterable):
+        self.sinks = list(sinks)
+
+    def write(self, record: Dict) -> None:
+        for s in self.sinks:
+            s.write(record)
+
+    def add_eval(self, iteration: int, report: dict, grid=None) -> None:
+        for s in self.sinks:
+            if hasattr(s, "add_eval"):
+                s.add_eval(iteration, report, grid)
+
+    def close(self) -> None:
+        for s in self.sinks:
+            s.close()
+
+
+def sinks_for(logging_cfg, total_iters: int, config: dict, rank: int) -> MetricsLogger:
+    """The sinks a job asks for (rank 0 writes; other ranks get none)."""
+    if rank != 0:
+        return MetricsLogger([])
+    sinks = [ConsoleSink(total_iters)]
+    if logging_cfg.metrics_file:
+        sinks.append(JsonlSink(logging_cfg.metrics_file))
+    if logging_cfg.tensorboard_dir:
+        sinks.append(TensorBoardSink(logging_cfg.tensorboard_dir))
+    if logging_cfg.wandb_project:
+        sinks.append(WandbSink(logging_cfg.wandb_project, config))
+    return MetricsLogger(sinks)

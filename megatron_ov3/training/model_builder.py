@@ -1,0 +1,56 @@
+"""Building what a job trains: the frozen VAE, this rank's model stage with everything applied around it
+(converters, sequence-parallel gradient hooks, a universal initialisation), and the data stream."""
+from __future__ import annotations
+
+import resource
+from typing import Callable, Optional
+
+import torch
+
+from ..config.job import BatchPlan, JobConfig
+
+
+def build_model_for_job(job: JobConfig, device: torch.device, log: Callable[[str], None]):
+    """(this rank's OV3 stage, the frozen VAE). Call after the parallel state exists."""
+    from ..checkpointing.restore import init_from_universal
+    from ..converters import apply_converters
+    from ..data.latent_cache import check_latent_normalisation
+    from ..models import build_model
+    from ..parallel.sequence_parallel import install_grad_hooks
+
+    vae = job.vae.build()
+    if job.data.data_path:
+        check_latent_normalisation(job.data.data_path, vae, job.model.image_size)
+    model = build_model(job.model, job.layers, vae=vae)
+    model.to_frozen(device)
+    for line in apply_converters(model, job.layers, device):  # around the model: torchao float8, torch.compile
+        log(line)
+    if job.layers.sequence_parallel:  # around the model: TP all-reduce of the sequence-sharded parameters' grads
+        log(f"sequence parallelism: {install_grad_hooks(model)} parameters get a TP gradient all-reduce")
+    if job.checkpoint.init_universal:  # into the bare model, before ZeRO partitions anything
+        init_from_universal(model, job.model, job.checkpoint.init_universal, log)
+    return model, vae
+
+
+def build_data(job: JobConfig, plan: BatchPlan, dp_rank: int, dp_size: int, state: Optional[dict],
+               consumed_samples: int):
+    """The resumable batch stream of this data-parallel rank (mock batches or shards)."""
+    import dataclasses
+
+    from ..data import DataIterator
+    from ..data.mock import MockData
+
+    cfg = job.model
+    if job.data.mock_data:
+        return MockData(cfg.image_size, cfg.vocab_size, plan.micro_batch_size, plan.grad_accum, dp_rank, dp_size,
+                        cfg.text_context_length, cfg.caption_length, seed=job.train.seed,
+                        state=state if state and "consumed" in state else {"consumed": consumed_samples})
+    data_cfg = dataclasses.replace(job.data, micro_batch_size=plan.micro_batch_size)
+    return DataIterator(data_cfg, dp_rank, dp_size, state=state if state and "raw_pos" in state else None)
+
+
+def memory_mb(device) -> float:
+    """Peak memory of this rank: allocator bytes on CUDA, the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB

@@ -1,0 +1,90 @@
+"""The forward/backward/optimizer pieces of one training iteration, for the plain and the pipelined engine.
+
+Both return per-micro-batch metrics (plain floats) and whether every rank's loss was finite; what to do with
+a non-finite loss (skip, count, stop) is decided once, by the trainer.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+Metrics = Dict[str, float]
+
+
+def to_device(batch: Dict[str, torch.Tensor], device) -> Dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def all_ranks_true(flag: bool, device) -> bool:
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item() > 0)
+
+
+def micro_step(engine, batch, device, own_grad_norm: bool) -> Tuple[Optional[Metrics], Optional[float]]:
+    """One micro-batch through the DeepSpeed engine (forward, backward, engine step, which applies the optimizer
+    at the accumulation boundary). Returns (metrics or None when some rank's loss is non-finite, the gradient
+    norm when we compute it: ZeRO-0 in fp32 keeps none)."""
+    out = engine(to_device(batch, device))
+    loss = out["total_loss"]
+    if not all_ranks_true(bool(torch.isfinite(loss).item()), device):
+        return None, None
+    engine.backward(loss)
+    norm = None
+    if own_grad_norm and engine.is_gradient_accumulation_boundary():
+        norm = grad_norm(engine.module)  # reduced over DP by now, not yet clipped
+    engine.step()
+    return {k: float(v.detach()) for k, v in out.items()}, norm
+
+
+def pipeline_step(engine, data, device, plan) -> Tuple[List[Metrics], bool]:
+    """One iteration under pipeline parallelism: megatron-core's 1F1B schedule runs forward and backward of all
+    ``grad_accum`` micro-batches over the stages; then DeepSpeed reduces the gradients over the data-parallel
+    group and its (ZeRO-1) optimizer steps. Returns (per-micro-batch metrics on every rank, all finite)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    model = engine.module
+
+    def forward_step(data_iterator, module):
+        out = module(to_device(next(data_iterator), device))
+        if not module.post_process:
+            return out, None
+        # clone: megatron's schedule divides the returned loss by the number of micro-batches *in place*, and a
+        # detached view would carry that division into the logged metrics
+        return out["total_loss"], lambda loss: (loss, {k: v.detach().clone().float() for k, v in out.items()})
+
+    outs = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=data, model=[model], num_microbatches=plan.grad_accum,
+        seq_length=model.cfg.seq_length, micro_batch_size=plan.micro_batch_size, forward_only=False,
+    )
+    last = ps.is_pipeline_last_stage(ignore_virtual=True)
+    ok = all(bool(torch.isfinite(o["total_loss"]).item()) for o in outs) if last else True
+    if not all_ranks_true(ok, device):
+        for p in model.parameters():
+            p.grad = None
+        return [], False
+    engine.allreduce_gradients()
+    engine.step()
+    # metrics travel from the last stage to every rank of the pipeline group (rank 0 logs)
+    holder = [[{k: float(v) for k, v in o.items()} for o in outs] if last else None]
+    dist.broadcast_object_list(holder, src=ps.get_pipeline_model_parallel_last_rank(),
+                               group=ps.get_pipeline_model_parallel_group())
+    return holder[0], True
+
+
+def grad_norm(model) -> float:
+    """Global L2 norm of the gradients (what DeepSpeed reports for its other optimizers): parameters replicated
+    over tensor parallelism counted once, shards summed over the TP group."""
+    from megatron.core import parallel_state as ps
+
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    sq = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
+    for p in model.parameters():
+        if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0):
+            sq += p.grad.detach().double().pow(2).sum()
+    if ps.get_tensor_model_parallel_world_size() > 1:
+        dist.all_reduce(sq, group=ps.get_tensor_model_parallel_group())
+    return float(sq.sqrt())
