@@ -27,11 +27,12 @@ setup(
         "scipy",
         "matplotlib",
         "pyyaml",
+        "tomli; python_version < '3.11'",
         "tqdm",
         "tensorboard",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout"],
+        "test": ["pytest>=7", "pytest-timeout", "ruff>=0.6"],
         "hf": ["transformers>=4.40"],
         "wandb": ["wandb"],
         "te": ["transformer-engine[pytorch]"],

@@ -20,7 +20,7 @@ has() { "$PY" -c "import $1" 2>/dev/null; }
 bench() { "$PY" tools/benchmark.py --image-size 256 --peak-tflops "$PEAK" ${VAE_PATH:+--vae-path "$VAE_PATH"} "$@"; }
 only_step=(--no-naive --no-bare --no-vae-decode --no-breakdown)
 # whole step vs the naive step, encoder vs bare ViT (eager + compiled) and megatron local, VAE decode vs eager
-bench --model-size H --micro-batch-size 64 --bare-compile on --json "$OUT/H.json"
+bench --model-size H --micro-batch-size 64 --bare-compile --json "$OUT/H.json"
 # per-layer torch.compile vs eager layers
 bench --model-size H --micro-batch-size 64 --torch-compile "${only_step[@]}" --json "$OUT/H_compile.json"
 # FP8 vs the same step without it: torchao float8 (local layers), and Transformer Engine when it imports

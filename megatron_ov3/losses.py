@@ -10,7 +10,7 @@ averaging, the update equals the gradient of the *global* loss over the concaten
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.distributed as dist

@@ -16,7 +16,7 @@ def mp1():
 
     parallel.initialize_model_parallel(1, 1, seed=0)
     yield
-    
+
 
 @pytest.fixture()
 def fresh_seed(mp1):

@@ -17,41 +17,39 @@ from megatron_ov3.models.sizes import SIZES
 
 
 def main(argv=None):
+    from megatron_ov3.config.tree import add_flags, cli_overrides
+    from megatron_ov3.models.config import LayerImplConfig
+
     p = Parser(description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
     p.add_argument("--model-size", default="tiny", choices=SIZES)
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--micro-batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--fp32", action="store_true", help="no bf16 autocast")
     p.add_argument("--input", default="latents", choices=["latents", "images"],
                    help="fast step input: latent cache (no VAE encode) or images")
-    p.add_argument("--transformer-impl", default="auto", choices=["auto", "local", "te"])
-    p.add_argument("--attention-backend", default="sdpa", choices=["sdpa", "unfused"])
-    p.add_argument("--fp8-format", default=None, choices=["hybrid", "e4m3"],
-                   help="FP8 fast step (TE with --transformer-impl te, torchao float8 with local); also times it "
-                        "without FP8")
-    p.add_argument("--torch-compile", action="store_true",
-                   help="torch.compile each transformer layer of the fast step; also times it with eager layers")
-    p.add_argument("--recompute-granularity", default=None, choices=["full", "selective"])
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
     p.add_argument("--pixel-loss-fraction", type=float, default=1.0)
     p.add_argument("--vae-path", default=None, help="local FLUX.1 VAE (default: random-init, same architecture)")
     p.add_argument("--tiny-vae", action="store_true", help="toy VAE (CPU tests)")
     p.add_argument("--no-vae-fast", action="store_true", help="fast step without the VAE decode options")
-    p.add_argument("--vae-decode-compile", default=None, choices=["on", "off"],
+    p.add_argument("--vae-decode-compile", action=__import__("argparse").BooleanOptionalAction, default=None,
                    help="torch.compile the VAE decoder (default: on with CUDA)")
     p.add_argument("--vae-decode-checkpoint", action="store_true")
     p.add_argument("--no-naive", action="store_true")
     p.add_argument("--no-bare", action="store_true")
-    p.add_argument("--bare-compile", default=None, choices=["on", "off"], help="default: on with CUDA")
+    p.add_argument("--bare-compile", action=__import__("argparse").BooleanOptionalAction, default=None,
+                   help="also time the compiled bare ViT (default: on with CUDA)")
     p.add_argument("--no-breakdown", action="store_true")
     p.add_argument("--no-vae-decode", action="store_true", help="skip timing the VAE decode alone")
     p.add_argument("--peak-tflops", type=float, default=None, help="vendor peak for a second MFU (H100: 989)")
     p.add_argument("--find-max-micro-batch", action="store_true", help="CUDA only")
     p.add_argument("--json", default=None, help="write the full report here")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the DeepSpeed launcher")
+    # the fast step's layers: the training job's own flags and names (bf16 on by default here: --no-bf16)
+    add_flags(p, "layers", LayerImplConfig, "layers and precision (as in training)", defaults={"bf16": True})
     args = p.parse_args(argv)
+    layers = LayerImplConfig(**{"bf16": True, **cli_overrides(args).get("layers", {})})
     if args.image_size % 16 or args.image_size <= 0:
         raise UsageError(f"--image-size {args.image_size} is not a positive multiple of 16")
     if args.micro_batch_size < 1 or args.steps < 1 or args.warmup < 0:
@@ -71,16 +69,13 @@ def main(argv=None):
     from megatron_ov3.perf.benchmark import BenchConfig, format_report, run_benchmark
 
     cuda = torch.cuda.is_available()
-    on = lambda v: cuda if v is None else v == "on"  # noqa: E731
-    bf16 = not args.fp32
+    on = lambda v: cuda if v is None else v  # noqa: E731
     fast = VAEDecodeConfig() if args.no_vae_fast else VAEDecodeConfig(
-        channels_last=True, autocast_bf16=bf16, compile=on(args.vae_decode_compile),
+        channels_last=True, autocast_bf16=layers.bf16, compile=on(args.vae_decode_compile),
         checkpoint=args.vae_decode_checkpoint)
     bc = BenchConfig(size=args.model_size, image_size=args.image_size, micro_batch=args.micro_batch_size,
-                     steps=args.steps, warmup=args.warmup, bf16=bf16, input=args.input,
-                     transformer_impl=args.transformer_impl, attention=args.attention_backend, fp8=args.fp8_format,
-                     compile_layers=args.torch_compile,
-                     recompute=args.recompute_granularity, pixel_loss_fraction=args.pixel_loss_fraction,
+                     steps=args.steps, warmup=args.warmup, layers=layers, input=args.input,
+                     pixel_loss_fraction=args.pixel_loss_fraction,
                      vae_decode=fast, vae_path=args.vae_path, tiny_vae=args.tiny_vae, naive=not args.no_naive,
                      bare=not args.no_bare, bare_compile=on(args.bare_compile), breakdown=not args.no_breakdown,
                      vae_decode_alone=not args.no_vae_decode,

@@ -26,7 +26,8 @@ def main(argv=None):
     p.add_argument("--mode", choices=["strong", "weak"], default="strong")
     p.add_argument("--global-batch-size", type=int, default=4096, help="strong scaling: fixed global batch")
     p.add_argument("--per-gpu-batch", type=int, default=16, help="weak scaling: global batch = this x GPUs")
-    p.add_argument("--fp8", action="store_true")
+    p.add_argument("--fp8-format", default=None, choices=["hybrid", "e4m3"],
+                   help="plan with FP8 GEMMs (the training flag of the same name; the planner uses the FP8 peak)")
     p.add_argument("--top", type=int, default=3)
     p.add_argument("--output", default=None, help="folder for plan.json and PNG plots")
     p.add_argument("--calibrate", default=None, help="tools/benchmark.py --json output: calibrate the hardware")
@@ -35,7 +36,8 @@ def main(argv=None):
                    help="runs to launch: N[:tpT][:ppP][:zeroZ][:mbM], e.g. 1 2 4 4:tp2")
     m.add_argument("--measure-iters", type=int, default=4, help="timed iterations per run (after 1 warm-up)")
     m.add_argument("--train-flags", default="--mock-data --tiny-vae",
-                   help="data/VAE flags passed to every run (cluster: '--data-path ... --tokenizer ... --vae-path ...')")
+                   help="data/VAE flags passed to every run "
+                        "(cluster: '--data-path ... --tokenizer ... --vae-path ...')")
     m.add_argument("--hostfile", default=None, help="DeepSpeed hostfile for multi-node runs")
     m.add_argument("--master-port", type=int, default=29650)
     args = p.parse_args(argv)
@@ -67,7 +69,7 @@ def main(argv=None):
     result = {}
     for size in args.model_size:
         rows = plan(size, args.nodes, hw, args.image_size, args.global_batch_size, args.per_gpu_batch, args.mode,
-                    fp8=args.fp8, top=args.top)
+                    fp8=args.fp8_format is not None, top=args.top)
         result[size] = rows
         print(f"\nOV3-{size}, {args.image_size}px, {args.mode} scaling, {hw.name}:")
         print(table(rows))

@@ -181,7 +181,9 @@ class CheckpointConfig:
     save: Optional[str] = field(default=None, metadata=cli())
     """Checkpoint directory (iter_N folders and 'latest')."""
     load: Optional[str] = field(default=None, metadata=cli())
-    """Resume from this checkpoint directory (its 'latest'): weights, optimizer, schedule, data position, RNG."""
+    """Resume from this checkpoint directory (its 'latest'): weights, optimizer, schedule, data position, RNG.
+    A folder with no checkpoint yet starts the run fresh (or from --finetune-from / --init-universal), so the
+    same command (--load = --save) starts and resumes a job."""
     save_interval: Optional[int] = field(default=None, metadata=cli())
     """Save every N iterations (and always at the end)."""
     keep_last: Optional[int] = field(default=None, metadata=cli())
@@ -203,8 +205,8 @@ class CheckpointConfig:
             raise UsageError("--save-interval needs --save DIR")
         if self.keep_last is not None and self.keep_last < 1:
             raise UsageError("--keep-last must be >= 1")
-        if sum(bool(x) for x in (self.load, self.finetune_from, self.init_universal)) > 1:
-            raise UsageError("--load, --finetune-from and --init-universal are exclusive")
+        if self.finetune_from and self.init_universal:
+            raise UsageError("--finetune-from and --init-universal are exclusive")
         if self.keep_optimizer and not self.finetune_from:
             raise UsageError("--keep-optimizer only applies with --finetune-from")
 
@@ -351,11 +353,51 @@ def build_parser(prog: str = "python -m megatron_ov3.pretrain") -> argparse.Argu
     return p
 
 
-def parse_job(argv: Optional[List[str]] = None) -> tuple:
-    """(JobConfig, parsed namespace) from the command line (and its ``--config`` file)."""
+def env_overrides(spec: Mapping[str, Any], environ: Mapping[str, str], where: str) -> Dict[str, Dict[str, Any]]:
+    """A recipe's ``env:`` section -> ``{section: {field: value}}`` from the variables that are set.
+
+    Each entry is ``VAR: section.field`` or ``VAR: {field: section.field, required: "message"}``; a required
+    variable that is unset (and not given as a flag either) is reported by :func:`check_required`."""
+    out: Dict[str, Dict[str, Any]] = {}
+    for var, entry in (spec or {}).items():
+        target = entry["field"] if isinstance(entry, dict) else entry
+        section, _, name = str(target).partition(".")
+        if section not in SECTIONS or name not in {f.name for f in dataclasses.fields(SECTIONS[section])}:
+            raise UsageError(f"{where}: env {var} names {target!r}, which is not a configuration field")
+        if environ.get(var):
+            try:
+                out.setdefault(section, {})[name] = T.parse_text(SECTIONS[section], name, environ[var])
+            except UsageError as e:
+                raise UsageError(f"environment variable {var}={environ[var]!r}: {e}") from None
+    return out
+
+
+def check_required(spec: Mapping[str, Any], merged: Mapping[str, Mapping[str, Any]]) -> None:
+    """The recipe's required environment variables whose field is still unset: their message, one line."""
+    for var, entry in (spec or {}).items():
+        if isinstance(entry, dict) and entry.get("required"):
+            section, _, name = entry["field"].partition(".")
+            if merged.get(section, {}).get(name) is None:
+                raise UsageError(f"{var}: {entry['required']}")
+
+
+def raw_job(argv: Optional[List[str]] = None, environ: Optional[Mapping[str, str]] = None) -> tuple:
+    """(merged ``{section: {field: value}}``, namespace): defaults <- file <- its env overrides <- flags."""
     ns = build_parser().parse_args(argv)
-    file_values = T.read_file(ns.config) if ns.config else {}
-    return resolve(T.merge(file_values, T.cli_overrides(ns)), where=ns.config or "flags"), ns
+    file_values = dict(T.read_file(ns.config)) if ns.config else {}
+    env_spec = file_values.pop("env", None)
+    where = ns.config or "flags"
+    T.check_keys(SECTIONS, file_values, where)
+    env_values = env_overrides(env_spec, os.environ if environ is None else environ, where)
+    merged = T.interpolate(T.merge(file_values, env_values, T.cli_overrides(ns)))
+    check_required(env_spec, merged)
+    return merged, ns
+
+
+def parse_job(argv: Optional[List[str]] = None, environ: Optional[Mapping[str, str]] = None) -> tuple:
+    """(JobConfig, parsed namespace) from the command line, its ``--config`` file and the file's env overrides."""
+    merged, ns = raw_job(argv, environ)
+    return resolve(merged, where=ns.config or "flags"), ns
 
 
 def job_from_dict(d: Mapping[str, Any]) -> JobConfig:

@@ -57,7 +57,7 @@ def add_flags(parser: argparse.ArgumentParser, section: str, cls, title: str,
     group = parser.add_argument_group(title)
     for f, flag in flag_fields(cls):
         meta = f.metadata["cli"]
-        base, _, is_list = _unwrap(hints[f.name])
+        base, optional, is_list = _unwrap(hints[f.name])
         default = (defaults or {}).get(f.name, _default(f))
         text = docs.get(f.name, "")
         kw: Dict[str, Any] = dict(dest=f"{section}.{f.name}", default=argparse.SUPPRESS,
@@ -65,14 +65,55 @@ def add_flags(parser: argparse.ArgumentParser, section: str, cls, title: str,
         if base is bool:
             kw["action"] = argparse.BooleanOptionalAction
         else:
-            kw["type"] = base
+            kw["type"] = _none_or(base) if optional else base
             if is_list:
                 kw["nargs"] = "+"
             if meta["choices"]:
-                kw["choices"] = meta["choices"]
+                kw["choices"] = meta["choices"] + ((None,) if optional else ())
+                kw["metavar"] = "{" + ",".join(map(str, meta["choices"] + (("none",) if optional else ()))) + "}"
             if meta["metavar"]:
                 kw["metavar"] = meta["metavar"]
         group.add_argument(flag, *meta["aliases"], **kw)
+
+
+def _none_or(base):
+    """argparse type of an Optional field: 'none' clears it (e.g. a file's value), anything else is parsed."""
+    def parse(text: str):
+        return None if text.lower() == "none" else base(text)
+
+    parse.__name__ = base.__name__  # argparse names the type in its error message
+    return parse
+
+
+def parse_text(cls, name: str, text: str):
+    """A field's value from a string (an environment override), by the field's type."""
+    base, optional, is_list = _unwrap(typing.get_type_hints(cls)[name])
+    try:
+        if optional and text.lower() == "none":
+            return None
+        if base is bool:
+            if text.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError(text)
+            return text.lower() in ("1", "true", "yes", "on")
+        return [base(x) for x in text.split()] if is_list else base(text)
+    except ValueError:
+        raise UsageError(f"{name} = {text!r} is not a valid {base.__name__}") from None
+
+
+def interpolate(raw: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
+    """``${section.field}`` inside string values is replaced by that (merged) value, e.g.
+    ``tensorboard_dir: ${checkpoint.save}/tensorboard``; a reference to an unset value is a usage error."""
+    import re
+
+    ref = re.compile(r"\$\{(\w+)\.(\w+)\}")
+
+    def sub(m):
+        value = raw.get(m.group(1), {}).get(m.group(2))
+        if value is None:
+            raise UsageError(f"${{{m.group(1)}.{m.group(2)}}} is referenced but not set")
+        return str(value)
+
+    return {s: {k: ref.sub(sub, v) if isinstance(v, str) else v for k, v in vals.items()} for s, vals in raw.items()}
 
 
 def cli_overrides(ns: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
@@ -92,7 +133,10 @@ def read_file(path: str) -> Dict[str, Any]:
     ext = os.path.splitext(path)[1].lower()
     try:
         if ext == ".toml":
-            import tomllib
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                import tomli as tomllib
 
             with open(path, "rb") as f:
                 data = tomllib.load(f)

@@ -11,7 +11,7 @@ import io
 import json
 import os
 import tarfile
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional
 
 import braceexpand
 import numpy as np

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import random
-from typing import Dict, Optional
+from typing import Dict
 
 from .shards import ShardWriter
 

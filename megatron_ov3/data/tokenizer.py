@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Iterable, List, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 from ..errors import MissingFile, UsageError

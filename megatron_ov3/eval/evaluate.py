@@ -7,7 +7,6 @@ reconstructions. Each rank evaluates its share of the shards; rank 0 gathers and
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Dict, List, Optional, Sequence
 
@@ -34,7 +33,8 @@ def class_embeddings(model, tokenizer, classnames: Sequence[str], templates: Seq
 
 @torch.no_grad()
 def evaluate(model, batches, device, tokenizer=None, classnames: Optional[Sequence[str]] = None,
-             templates: Sequence[str] = DEFAULT_TEMPLATES, lpips=None, inception=None, max_batches: Optional[int] = None,
+             templates: Sequence[str] = DEFAULT_TEMPLATES, lpips=None, inception=None,
+             max_batches: Optional[int] = None,
              group=None, grid_images: int = 8) -> Dict:
     """Metrics over ``batches`` (this rank's share), gathered over ``group``. Returns the report on every rank."""
     was_training = model.training
@@ -50,7 +50,7 @@ def evaluate(model, batches, device, tokenizer=None, classnames: Optional[Sequen
             raise UsageError("evaluation needs image shards (reconstruction is measured in pixels)")
         x = batch["images"]
         enc = model.encode_image(images=x)
-        z_hat = model.latent_decoder(enc.tokens)
+        z_hat = model.predict_latents(enc.tokens)
         x_hat = model.vae.decode(z_hat).clamp(-1, 1)
         acc["psnr"].append(M.psnr(x_hat, x).cpu())
         acc["ssim"].append(M.ssim(x_hat, x).cpu())

@@ -4,8 +4,7 @@ Images are in [-1, 1] (the VAE's range); PSNR and SSIM use a data range of 2.
 """
 from __future__ import annotations
 
-import math
-from typing import Callable, Dict, Iterable, List, Sequence
+from typing import Dict, Sequence
 
 import numpy as np
 import torch

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,8 @@ class OV3Config(PretrainedConfig):
 
     def __init__(self, encoder=None, decoder=None, text=None, embed_dim=64, image_size=256, latent_channels=16,
                  vae_downsample=8, patch_size=2, class_token=False, register_tokens=0, pos_embed_ref_grid=16,
-                 pos_embed_type="sincos", final_ln_after_pool=True, layernorm_eps=1e-6, vocab_size=32000, padded_vocab_size=32000,
+                 pos_embed_type="sincos", final_ln_after_pool=True, layernorm_eps=1e-6, vocab_size=32000,
+                 padded_vocab_size=32000,
                  text_context_length=80, pad_id=0, scaling_factor=0.3611, shift_factor=0.1159, **kwargs):
         self.encoder = encoder or {"width": 64, "depth": 2, "mlp": 256, "heads": 4}
         self.decoder = decoder

@@ -259,7 +259,8 @@ class LayerImplConfig:
                  f"transformer_impl {self.transformer_impl!r} unknown; use one of {BACKENDS}")
         _require(self.attention_backend in ATTENTIONS,
                  f"attention_backend {self.attention_backend!r} unknown; use one of {ATTENTIONS}")
-        _require(self.fp8_format in (None, "hybrid", "e4m3"), f"fp8_format {self.fp8_format!r} unknown; use hybrid or e4m3")
+        _require(self.fp8_format in (None, "hybrid", "e4m3"),
+                 f"fp8_format {self.fp8_format!r} unknown; use hybrid or e4m3")
         _require(
             self.recompute_granularity in (None, "full", "selective"),
             f"recompute_granularity {self.recompute_granularity!r} unknown; use full or selective",

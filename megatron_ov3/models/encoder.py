@@ -6,7 +6,7 @@ between holds this stage's share of the layers. Without pipeline parallelism bot
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional
 
 import torch

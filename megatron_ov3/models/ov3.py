@@ -107,7 +107,7 @@ class OV3Model(nn.Module):
     def reconstruct(self, images=None, latents=None):
         """(predicted latents, decoded images) without noise; for evaluation and export checks."""
         z = latents if latents is not None else self.latents_of({"images": images})
-        z_hat = self.latent_decoder(self.encoder(z).tokens)
+        z_hat = self.predict_latents(self.encoder(z).tokens)
         return z_hat, (self.vae.decode(z_hat) if self.vae is not None else None)
 
     def current_logit_scale(self) -> torch.Tensor:
@@ -127,11 +127,11 @@ class OV3Model(nn.Module):
         """Noise-augmented ViT decoder -> latent L1, and through the frozen VAE decoder pixel L1 (+ LPIPS).
         Returns the named losses and ``reconstruction_loss`` (their weighted sum, before ``reconstruction_weight``)."""
         cfg = self.cfg
-        z_hat = self.latent_decoder(tokens, batch.get("noise_seeds"))
+        z_hat = self.predict_latents(tokens, batch.get("noise_seeds"))
         out = {"latent_l1": l1(z_hat, z)}
         rec = cfg.latent_l1_weight * out["latent_l1"]
         if cfg.pixel_l1_weight > 0 or cfg.lpips_weight > 0:
-            x_hat, x = self.pixel_prediction(z_hat, z, batch.get("images"))
+            x_hat, x = self.decode_prediction(z_hat), self.pixel_target(z, batch.get("images"))
             out["pixel_l1"] = l1(x_hat, x)
             rec = rec + cfg.pixel_l1_weight * out["pixel_l1"]
             if self.lpips is not None:
@@ -140,26 +140,40 @@ class OV3Model(nn.Module):
         out["reconstruction_loss"] = rec
         return out
 
-    def pixel_prediction(self, z_hat: torch.Tensor, z: torch.Tensor, images: Optional[torch.Tensor]):
-        """(decoded prediction, pixel target) for the pixel-loss share of the batch (all unless a deviation is
-        asked). Latent shards carry no pixels: the target is then the VAE's own reconstruction."""
+    def predict_latents(self, tokens: torch.Tensor, noise_seeds: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The ViT decoder's latent prediction from encoder tokens (noise-augmented in train mode)."""
+        return self.latent_decoder(tokens, noise_seeds)
+
+    def _pixel_samples(self, batch: int) -> int:
         if self.vae is None:
             raise ValueError("the pixel loss needs the VAE decoder; pass vae=FrozenVAE(...) or set pixel_l1_weight 0")
-        k = pixel_loss_samples(self.cfg.pixel_loss_fraction, z_hat.shape[0])
-        x_hat = self.vae.decode(z_hat[:k])
+        return pixel_loss_samples(self.cfg.pixel_loss_fraction, batch)  # all unless a deviation is asked
+
+    def decode_prediction(self, z_hat: torch.Tensor) -> torch.Tensor:
+        """Predicted latents of the pixel-loss share of the batch through the frozen VAE decoder, with grad."""
+        return self.vae.decode(z_hat[:self._pixel_samples(z_hat.shape[0])])
+
+    def pixel_target(self, z: torch.Tensor, images: Optional[torch.Tensor]) -> torch.Tensor:
+        """The pixel-loss target of that share: the images, or (latent shards carry no pixels) the VAE's own
+        reconstruction of the given latents."""
+        k = self._pixel_samples(z.shape[0])
         if images is None:
             with torch.no_grad():
-                images = self.vae.decode(z[:k])
-        return x_hat, images[:k]
+                return self.vae.decode(z[:k])
+        return images[:k]
 
-    def language_losses(self, enc: EncoderOutput, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """CLIP contrastive loss (gathered over the data-parallel group) and the caption decoder's loss."""
+    def contrastive_losses(self, enc: EncoderOutput, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Text tower + CLIP contrastive loss (gathered over the data-parallel group)."""
         scale = self.current_logit_scale()
         text_emb = self.text(batch["text_ids"])
         con, acc_i2t, acc_t2i = contrastive_loss(enc.embedding, text_emb, scale, self._dp_group_fn())
+        return {"contrastive_loss": con, "contrastive_acc_i2t": acc_i2t, "contrastive_acc_t2i": acc_t2i,
+                "logit_scale": scale.detach()}
+
+    def caption_losses(self, enc: EncoderOutput, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Caption decoder (prefix fusion over the encoder tokens) cross-entropy."""
         cap, ntok = self.caption(enc.tokens, batch["caption_ids"])
-        return {"contrastive_loss": con, "caption_loss": cap, "contrastive_acc_i2t": acc_i2t,
-                "contrastive_acc_t2i": acc_t2i, "logit_scale": scale.detach(), "caption_tokens": ntok.detach()}
+        return {"caption_loss": cap, "caption_tokens": ntok.detach()}
 
     def total_loss(self, out: Dict[str, torch.Tensor]) -> torch.Tensor:
         cfg = self.cfg
@@ -180,13 +194,15 @@ class OV3Model(nn.Module):
         if not self.post_process:
             return enc  # [s, b, h] activations for the next pipeline stage
         out = self.reconstruction_losses(enc.tokens, z, batch)
-        out.update(self.language_losses(enc, batch))
+        out.update(self.contrastive_losses(enc, batch))
+        out.update(self.caption_losses(enc, batch))
         total = self.total_loss(out)
         del out["reconstruction_loss"]
         return {"total_loss": total, **out}
 
 
-def build_model(cfg: OV3Config, impl: Optional[LayerImplConfig] = None, vae: Optional[FrozenVAE] = None, **kw) -> OV3Model:
+def build_model(cfg: OV3Config, impl: Optional[LayerImplConfig] = None, vae: Optional[FrozenVAE] = None,
+                **kw) -> OV3Model:
     """Build OV3 (this rank's pipeline stage, :func:`~megatron_ov3.models.stages.stage_layout`) for the current
     megatron parallel state (call ``parallel.initialize_model_parallel`` first)."""
     from megatron.core import parallel_state as ps

@@ -84,7 +84,8 @@ def size_table_markdown(image_size: int = 256) -> str:
     def shape(t):
         return f"{t.width}/{t.depth}/{t.mlp}/{t.heads}"
 
-    rows = ["| size | encoder W/D/MLP/H | params | decoder | params | text | params | caption | params | embed | total |",
+    rows = ["| size | encoder W/D/MLP/H | params | decoder | params | text | params | caption | params | embed "
+            "| total |",
             "|---|---|---:|---|---:|---|---:|---|---:|---:|---:|"]
     for name in SIZES:
         cfg = get_config(name, image_size=image_size)

@@ -32,6 +32,7 @@ isolation with the step's inputs, so they add up to about the step time; the res
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import platform
 import resource
@@ -44,7 +45,6 @@ import torch.nn.functional as F
 
 from ..converters import apply_converters
 from ..models import FrozenVAE, LayerImplConfig, VAEDecodeConfig, build_model, get_config
-from ..models.config import pixel_loss_samples
 from ..models.accounting import step_flops_per_sample, tower_forward_flops, vae_fwd_flops
 from ..errors import UsageError
 
@@ -63,21 +63,11 @@ class BenchConfig:
     """Timed iterations per variant."""
     warmup: int = 3
     """Untimed iterations before timing (compilation, autotuning, allocator warm-up)."""
-    bf16: bool = True
-    """bf16 parameters, activations and AdamW state in every variant (False: fp32)."""
+    layers: LayerImplConfig = field(default_factory=lambda: LayerImplConfig(bf16=True))
+    """How the fast step's layers are realised (training's own section: backend, attention, bf16, FP8, compile,
+    recomputation); ``layers.bf16`` also sets every other variant's precision (False: fp32)."""
     input: str = "latents"
     """'latents' (latent-cache input, no VAE encode in the step) or 'images' (VAE encode every step)."""
-    transformer_impl: str = "auto"
-    """Layer backend of the fast step: auto (TE when installed), local, te."""
-    attention: str = "sdpa"
-    """Core attention of the local backend in the fast step."""
-    fp8: Optional[str] = None
-    """FP8 format (hybrid / e4m3) of the fast step: Transformer Engine's with the te backend, torchao float8
-    with local (emulated on CPU: correct, not faster)."""
-    compile_layers: bool = False
-    """``torch.compile`` each transformer layer of the fast step (and of the configured encoder)."""
-    recompute: Optional[str] = None
-    """Activation recomputation in the fast step: None, full or selective."""
     pixel_loss_fraction: float = 1.0
     """Fraction of the batch decoded for the pixel loss in the fast step (1.0 = the paper)."""
     vae_decode: VAEDecodeConfig = field(default_factory=VAEDecodeConfig)
@@ -241,25 +231,23 @@ class Bench:
             self.vae = FrozenVAE.from_config(seed=bc.seed)  # the full FLUX architecture, random weights
         self.vae.to(device)
         self.batch = synthetic_batch(self.cfg, bc.micro_batch, bc.image_size, device, bc.seed)
-        with _autocast(device, bc.bf16):
+        with _autocast(device, bc.layers.bf16):
             self.batch["latents"] = self.vae.encode(self.batch["images"]).float()
         self.results: Dict[str, dict] = {}
 
     # ---------------------------------------------------------------- variants
     @property
     def dtype(self):
-        return torch.bfloat16 if self.bc.bf16 else torch.float32
+        return torch.bfloat16 if self.bc.layers.bf16 else torch.float32
 
     def _impl(self, **kw):
         bc = self.bc
-        base = dict(backend=bc.transformer_impl, attention=bc.attention, fp8=bc.fp8, compile=bc.compile_layers,
-                    recompute_granularity=bc.recompute, params_dtype=self.dtype, bf16=bc.bf16)
-        base.update(kw)
-        return LayerImplConfig(**base)
+        return dataclasses.replace(bc.layers, **kw)
 
     def _baseline_impl(self):
         """megatron-core's local spec with its unfused softmax attention; no FP8, no compile, no recomputation."""
-        return self._impl(backend="local", attention="unfused", fp8=None, compile=False, recompute_granularity=None)
+        return self._impl(transformer_impl="local", attention_backend="unfused", fp8_format=None, torch_compile=False,
+                          recompute_granularity=None)
 
     def _vae(self, decode: VAEDecodeConfig, bf16_weights: bool = False):
         """A copy of the benchmark's VAE with these decode options (``self.vae`` stays plain for the baselines)."""
@@ -299,12 +287,12 @@ class Bench:
             self.results[name]["parts"] = self._parts(model, opt, batch)
             parts = self.results[name]["parts"]
             parts["unaccounted_s"] = t["mean_s"] - sum(v for k, v in parts.items() if k.endswith("_s"))
-        del model, opt, vae
+        model = opt = vae = None  # free the variant's memory before the next one
 
     def naive_step(self):
         bc, dev = self.bc, self.device
         cfg = get_config(bc.size, image_size=bc.image_size)  # full pixel loss
-        vae = self._vae(VAEDecodeConfig(), bf16_weights=bc.bf16)
+        vae = self._vae(VAEDecodeConfig(), bf16_weights=bc.layers.bf16)
         model = self._model(cfg, self._baseline_impl(), vae)
         batch = {k: v for k, v in self.batch.items() if k != "latents"}
         opt = _optimizer(model.parameters(), dev, fused=False)
@@ -312,7 +300,7 @@ class Bench:
         t = timed(_train_step(model, opt, batch), bc.steps, bc.warmup, dev)
         flops = step_flops_per_sample(cfg, bc.image_size, self.vae, encode_in_step=True, micro_batch=bc.micro_batch)
         self._record("naive", t, bc.micro_batch, flops["total"], {"flops_per_image": flops})
-        del model, opt, vae
+        model = opt = vae = None  # free the variant's memory before the next one
 
     def _encoder_step(self, name, impl):
         bc, dev = self.bc, self.device
@@ -330,7 +318,7 @@ class Bench:
         _reset_peak(dev)
         t = timed(step, bc.steps, bc.warmup, dev)
         self._record(name, t, bc.micro_batch, self._encoder_flops())
-        del model, opt
+        model = opt = None  # free the variant's memory before the next one
 
     def _encoder_flops(self):
         cfg = self.cfg
@@ -354,7 +342,7 @@ class Bench:
         _reset_peak(dev)
         t = timed(step, bc.steps, bc.warmup, dev)
         self._record("bare_vit_compiled" if compiled else "bare_vit", t, bc.micro_batch, self._encoder_flops())
-        del model, opt
+        model = opt = None  # free the variant's memory before the next one
 
     def vae_decode(self, name: str, decode: VAEDecodeConfig, bf16_weights: bool):
         """Decode the micro batch's latents and backpropagate to them (the VAE is frozen: no weight grads)."""
@@ -371,7 +359,7 @@ class Bench:
         t = timed(step, bc.steps, bc.warmup, dev)
         _, dec = vae_fwd_flops(self.vae, bc.image_size)
         self._record(name, t, bc.micro_batch, 2.0 * dec)
-        del vae
+        vae = None  # free the variant's memory before the next one
 
     # ---------------------------------------------------------------- per-part breakdown
     def _parts(self, model, opt, batch) -> Dict[str, float]:
@@ -389,32 +377,31 @@ class Bench:
             def vae_encode():  # as the step runs it: at the VAE's own dtype (the decode options are decode-only)
                 model.vae.encode(images)
             part("vae_encode", vae_encode)
+        # each part is the model's own public sub-step of forward (OV3Model), timed with its backward
         with torch.no_grad():
-            tokens = model.encoder(z).tokens.detach()
-            z_hat = model.latent_decoder(tokens).detach()
+            enc = model.encode_image(latents=z)  # inputs of the later parts, without a graph
+            z_hat = model.predict_latents(enc.tokens)
 
         def encoder():
-            o = model.encoder(z)
+            o = model.encode_image(latents=z)
             (o.tokens.float().mean() + o.embedding.float().mean()).backward()
 
         def decoder():
-            model.latent_decoder(tokens, batch["noise_seeds"]).float().mean().backward()
+            model.predict_latents(enc.tokens, batch["noise_seeds"]).float().mean().backward()
 
-        k = pixel_loss_samples(cfg.pixel_loss_fraction, z.shape[0])
-        zk = z_hat[:k].clone().requires_grad_(True)
+        zk = z_hat.clone().requires_grad_(True)
 
         def vae_decode():  # the VAE's own decode options (autocast, channels-last, compile) apply inside
-            model.vae.decode(zk).mean().backward()
+            model.decode_prediction(zk).mean().backward()
 
         def vae_decode_target():
-            with torch.no_grad():
-                model.vae.decode(z[:k])
+            model.pixel_target(z, None)
 
         def text():
-            model.text(batch["text_ids"]).float().mean().backward()
+            model.contrastive_losses(enc, batch)["contrastive_loss"].backward()
 
         def caption():
-            model.caption(tokens, batch["caption_ids"])[0].backward()
+            model.caption_losses(enc, batch)["caption_loss"].backward()
 
         part("encoder", encoder)
         part("decoder", decoder)
@@ -447,7 +434,7 @@ class Bench:
                 model = self._model(self.cfg, self._impl(recompute_granularity=recompute), vae)
                 opt = _optimizer(model.parameters(), dev, fused=True)
                 batch = synthetic_batch(self.cfg, b, bc.image_size, dev, bc.seed)
-                with _autocast(dev, bc.bf16):
+                with _autocast(dev, bc.layers.bf16):
                     batch["latents"] = vae.encode(batch.pop("images")).float()
                 _train_step(model, opt, batch)()
                 _sync(dev)
@@ -465,10 +452,10 @@ class Bench:
         bc, dev = self.bc, self.device
         self.results["matmul"] = matmul_peak_tflops(dev)
         self.fast_step()
-        if bc.fp8:
-            self.fast_step("ov3_no_fp8", breakdown=False, fp8=None)
-        if bc.compile_layers:
-            self.fast_step("ov3_eager_layers", breakdown=False, compile=False)
+        if bc.layers.fp8_format:
+            self.fast_step("ov3_no_fp8", breakdown=False, fp8_format=None)
+        if bc.layers.torch_compile:
+            self.fast_step("ov3_eager_layers", breakdown=False, torch_compile=False)
         if bc.naive:
             self.naive_step()
         if bc.bare:
@@ -479,7 +466,7 @@ class Bench:
                 self.bare_vit(True)
         if bc.vae_decode_alone and self.cfg.pixel_l1_weight > 0:
             self.vae_decode("vae_decode", bc.vae_decode, bf16_weights=False)
-            self.vae_decode("vae_decode_naive", VAEDecodeConfig(), bf16_weights=bc.bf16)
+            self.vae_decode("vae_decode_naive", VAEDecodeConfig(), bf16_weights=bc.layers.bf16)
         if bc.find_max_micro_batch:
             self.results["max_micro_batch"] = {"no_recompute": self.max_micro_batch(None),
                                                "recompute_full": self.max_micro_batch("full")}
@@ -529,7 +516,7 @@ def format_report(rep: dict) -> str:
     lay = rep.get("layout", {})
     lines = [f"OV3-{c['size']} {c['image_size']}px, micro batch {c['micro_batch']}, "
              f"TP {lay.get('tensor_parallel', 1)} x DP {lay.get('data_parallel', 1)}, "
-             f"{'bf16' if c['bf16'] else 'fp32'}, input {c['input']}, on {rep['device']} ({rep['date']})",
+             f"{'bf16' if c['layers']['bf16'] else 'fp32'}, input {c['input']}, on {rep['device']} ({rep['date']})",
              f"matmul peak: {r['matmul']['tflops']:.2f} TFLOP/s ({r['matmul']['dtype']}, n={r['matmul']['n']})",
              f"{'variant':<20}{'step ms':>10}{'img/s':>10}{'TFLOP/s':>10}{'MFU':>8}{'peak MB':>10}"]
     for name, v in r.items():
@@ -557,10 +544,12 @@ def format_markdown(reports: List[dict]) -> str:
     out = []
     for rep in reports:
         c, r, v = rep["config"], rep["results"], rep["versions"]
+        lay = c["layers"]
         head = (f"OV3-{c['size']} {c['image_size']}px, micro batch {c['micro_batch']}, "
-                f"{'bf16' if c['bf16'] else 'fp32'}, input {c['input']}, layers {c['transformer_impl']}"
-                f"{', fp8-' + c['fp8'] if c.get('fp8') else ''}{', compiled' if c.get('compile_layers') else ''}"
-                f"{', recompute ' + c['recompute'] if c.get('recompute') else ''}")
+                f"{'bf16' if lay['bf16'] else 'fp32'}, input {c['input']}, layers {lay['transformer_impl']}"
+                f"{', fp8-' + lay['fp8_format'] if lay.get('fp8_format') else ''}"
+                f"{', compiled' if lay.get('torch_compile') else ''}"
+                f"{', recompute ' + lay['recompute_granularity'] if lay.get('recompute_granularity') else ''}")
         out += [f"**{head}** - {rep['device']}, {rep['date']}, torch {v.get('torch')}, "
                 f"megatron-core {v.get('megatron-core')}, TE {v.get('transformer-engine') or 'absent'}, "
                 f"matmul peak {r['matmul']['tflops']:.1f} TFLOP/s", "",

@@ -49,8 +49,14 @@ class RunSpec:
             setattr(spec, {"mb": "micro_batch"}.get(m.group(1), m.group(1)), int(m.group(2)))
         if min(spec.tp, spec.pp) < 1 or (spec.micro_batch is not None and spec.micro_batch < 1):
             raise UsageError(f"run spec {text!r}: tp, pp and mb must be >= 1")
-        if spec.processes < 1 or spec.processes % (spec.tp * spec.pp):
-            raise UsageError(f"run spec {text!r}: {spec.processes} processes are not divisible by TP x PP")
+        if spec.processes < 1:
+            raise UsageError(f"run spec {text!r}: the process count must be >= 1")
+        from ..config.job import ParallelConfig
+
+        try:  # training's own layout rules
+            ParallelConfig(spec.tp, spec.pp, spec.zero).validate(spec.processes)
+        except UsageError as e:
+            raise UsageError(f"run spec {text!r}: {e}") from None
         return spec
 
     def layout(self, global_batch: int) -> Layout:
@@ -117,7 +123,8 @@ def _launcher_cmd(spec: RunSpec, port: int, hostfile: Optional[str], gpus_per_no
     if hostfile:
         spec.check_nodes(gpus_per_node)
         nodes = math.ceil(spec.processes / gpus_per_node)
-        where = ["--hostfile", hostfile, "--num_nodes", str(nodes), "--num_gpus", str(min(spec.processes, gpus_per_node))]
+        where = ["--hostfile", hostfile, "--num_nodes", str(nodes),
+                 "--num_gpus", str(min(spec.processes, gpus_per_node))]
     else:
         where = ["--num_gpus", str(spec.processes)]
     return [ds, *where, "--master_port", str(port), "--module", "megatron_ov3.pretrain"]

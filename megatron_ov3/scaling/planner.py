@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 from ..config.job import ParallelConfig
@@ -179,7 +178,8 @@ def estimate(cfg: OV3Config, image_size: int, global_batch: int, world: int, lay
     n_tok = cfg.tokens_at(image_size)
     act = n_tok * lay.micro_batch * cfg.encoder.width * 2
     layers = cfg.encoder.depth / lay.pp + cfg.decoder.depth + cfg.text.depth + cfg.caption.depth
-    t_tp = 0.0 if lay.tp == 1 else 4 * layers * lay.grad_accum * 2 * (lay.tp - 1) / lay.tp * act / (hw.nvlink_gbps * 1e9)
+    ring = 2 * (lay.tp - 1) / lay.tp * act / (hw.nvlink_gbps * 1e9)  # one all-reduce of the activations
+    t_tp = 0.0 if lay.tp == 1 else 4 * layers * lay.grad_accum * ring
     # pipeline bubble
     bubble = (lay.pp - 1) / (lay.grad_accum + lay.pp - 1) if lay.pp > 1 else 0.0
     # data-parallel gradient reduction (+ parameter all-gathers for ZeRO-3)

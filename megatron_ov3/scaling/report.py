@@ -52,7 +52,7 @@ def plot_plan(plans: Dict[str, List[dict]], out_dir: str, hw) -> List[str]:
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 4))
-    labels, bottoms = [], None
+    labels = []
     for size, rows in plans.items():
         r = next((r for r in rows if r["best"]), None)
         if r is None:

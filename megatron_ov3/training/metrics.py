@@ -37,8 +37,9 @@ class ConsoleSink:
         losses = " | ".join(f"{k} {r[k]:.4f}" for k in ("total_loss",) + LOSS_NAMES if k in r)
         bad = r["bad_samples"]
         eta = (self.total - r["iteration"]) * r["step_time_s"]
+        gn = float("nan") if r["grad_norm"] is None else r["grad_norm"]
         print(f"iteration {r['iteration']:6d}/{self.total} | {losses} | acc i2t {r.get('contrastive_acc_i2t', 0):.3f}"
-              f" | lr {r['lr']:.3e} | grad norm {float('nan') if r['grad_norm'] is None else r['grad_norm']:.3f} | samples/s {r['samples_per_s']:.1f} | "
+              f" | lr {r['lr']:.3e} | grad norm {gn:.3f} | samples/s {r['samples_per_s']:.1f} | "
               f"TFLOP/s/device {r['tflops_per_device']:.4f} | mem {r['memory_mb']:.0f} MB | "
               f"skipped steps {r['skipped_steps']} | bad samples {sum(bad.values())}"
               + (f" {({k: v for k, v in bad.items() if v})}" if any(bad.values()) else "")

@@ -10,8 +10,9 @@ import torch
 from ..config.job import BatchPlan, JobConfig
 
 
-def build_model_for_job(job: JobConfig, device: torch.device, log: Callable[[str], None]):
-    """(this rank's OV3 stage, the frozen VAE). Call after the parallel state exists."""
+def build_model_for_job(job: JobConfig, device: torch.device, log: Callable[[str], None], init: bool = True):
+    """(this rank's OV3 stage, the frozen VAE). Call after the parallel state exists. ``init`` False: a resumed
+    run, whose weights come from its checkpoint (``--init-universal`` is skipped)."""
     from ..checkpointing.restore import init_from_universal
     from ..converters import apply_converters
     from ..data.latent_cache import check_latent_normalisation
@@ -27,7 +28,7 @@ def build_model_for_job(job: JobConfig, device: torch.device, log: Callable[[str
         log(line)
     if job.layers.sequence_parallel:  # around the model: TP all-reduce of the sequence-sharded parameters' grads
         log(f"sequence parallelism: {install_grad_hooks(model)} parameters get a TP gradient all-reduce")
-    if job.checkpoint.init_universal:  # into the bare model, before ZeRO partitions anything
+    if init and job.checkpoint.init_universal:  # into the bare model, before ZeRO partitions anything
         init_from_universal(model, job.model, job.checkpoint.init_universal, log)
     return model, vae
 

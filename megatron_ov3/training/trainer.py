@@ -19,6 +19,7 @@ from .. import parallel
 from ..checkpointing import deepspeed_io, restore, universal
 from ..checkpointing import format as ckpt_format
 from ..config.job import BatchPlan, JobConfig
+from ..errors import UsageError
 from ..models.accounting import step_flops_per_sample
 from ..models.specs import resolve_backend
 from . import step as steps
@@ -53,10 +54,54 @@ class Signals:
         return not steps.all_ranks_true(not self.received, device)
 
 
-class Trainer:
-    """Holds the engine, the data, the state and the metrics of one run (build with :meth:`build`)."""
+def decide_once(job: JobConfig) -> dict:
+    """Choices a run makes from its surroundings, made on rank 0 and broadcast, so every rank of every host
+    takes the same one: whether ``--load`` holds a checkpoint to resume (else fresh / --finetune-from)."""
+    ck = job.checkpoint
+    holder = [None]
+    if dist.get_rank() == 0:
+        holder[0] = {"resume": bool(ck.load and os.path.isdir(ck.load) and ckpt_format.read_latest(ck.load))}
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
 
-    def __init__(self, job: JobConfig, plan: BatchPlan, world: int):
+
+def software_facts(job: JobConfig) -> dict:
+    """What each rank must agree on: the resolved job and the software that realises it."""
+    import deepspeed
+    import megatron.core
+
+    return {"job": job.to_dict(), "transformer_impl": resolve_backend(job.layers.transformer_impl),
+            "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+            "megatron-core": getattr(megatron.core, "__version__", "?"),
+            "simulated": os.environ.get("OV3_SIMULATE_SOFTWARE", "")}
+
+
+def check_ranks_agree(facts: dict) -> None:
+    """Every rank compares its facts with rank 0's; a difference (e.g. Transformer Engine importable on one
+    host only, another DeepSpeed) is a usage error on *every* rank, naming the rank, host and the value."""
+    import socket
+
+    everyone: List[Optional[tuple]] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (socket.gethostname(), facts))
+    host0, ref = everyone[0]
+    for rank, (host, mine) in enumerate(everyone):
+        for key in ref:
+            if mine[key] != ref[key]:
+                what = key if key != "job" else "the resolved job configuration (different flags or files)"
+                raise UsageError(f"rank {rank} on {host} disagrees with rank 0 on {host0} about {what}: "
+                                 f"{_short(mine[key])} vs {_short(ref[key])}; install the same software and "
+                                 f"launch the same command on every host")
+
+
+def _short(v) -> str:
+    text = repr(v)
+    return text if len(text) < 80 else text[:77] + "..."
+
+
+class Trainer:
+    """Holds the engine, the data, the state and the metrics of one run."""
+
+    def __init__(self, job: JobConfig, plan: BatchPlan, world: int, resume: bool = False):
         import deepspeed
         from megatron.core import parallel_state as ps
 
@@ -65,7 +110,8 @@ class Trainer:
         self.dp_size, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         self.total_iters = job.train.total_iters()
         self.pipelined = job.parallel.pipeline_model_parallel_size > 1
-        self.model, self.vae = build_model_for_job(job, self.device, log0)
+        self.resume = resume
+        self.model, self.vae = build_model_for_job(job, self.device, log0, init=not resume)
         opt, sched = build_optimizer(self.model, job.optim, self.total_iters, self.device)
         if job.parallel.overlap_grad_reduce and self.pipelined:
             log0("note: --overlap-grad-reduce is ignored under pipeline parallelism (gradients are reduced once, "
@@ -89,7 +135,11 @@ class Trainer:
         """Resume, start a new stage, or start fresh; then open the data stream at the right position."""
         ck = self.job.checkpoint
         data_state = None
-        if ck.load:
+        if ck.load and not self.resume:
+            then = "from --finetune-from" if ck.finetune_from else ("from --init-universal" if ck.init_universal
+                                                                   else "fresh")
+            log0(f"--load {ck.load} holds no checkpoint yet: starting {then}")
+        if self.resume:
             client, how = restore.resume(self.engine, ck.load, self.job.parallel.zero_stage)
             self.state.load_state_dict(client)
             data_state = restore.data_state_for(client, self.dp_size, self.dp_rank, log0)
@@ -257,7 +307,8 @@ def run(job: JobConfig, world: int) -> int:
     parallel.initialize_model_parallel(job.parallel.tensor_model_parallel_size,
                                        job.parallel.pipeline_model_parallel_size, seed=job.train.seed)
     deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
-    tr = Trainer(job, plan, world)
+    check_ranks_agree(software_facts(job))
+    tr = Trainer(job, plan, world, resume=decide_once(job)["resume"])
     tr.start()
     signals = Signals()
     log0(tr.describe())
@@ -271,7 +322,8 @@ def run(job: JobConfig, world: int) -> int:
         return 1
     finally:
         tr.metrics.close()
-    if job.checkpoint.save and ckpt_format.read_latest(job.checkpoint.save):
-        log0(f"checkpoint: {os.path.abspath(os.path.join(job.checkpoint.save, ckpt_format.read_latest(job.checkpoint.save)))}")
+    latest = ckpt_format.read_latest(job.checkpoint.save) if job.checkpoint.save else None
+    if latest:
+        log0(f"checkpoint: {os.path.abspath(os.path.join(job.checkpoint.save, latest))}")
     log0("training finished")
     return 0

@@ -25,7 +25,8 @@ def _worker(rank, world):
     parallel.initialize_model_parallel(2, 1, seed=0)
     tower = get_config("tiny").encoder
     for sp in (False, True):
-        block = build_block(tower, LayerImplConfig(transformer_impl="local", sequence_parallel=sp), causal=False, eps=1e-6,
+        impl = LayerImplConfig(transformer_impl="local", sequence_parallel=sp)
+        block = build_block(tower, impl, causal=False, eps=1e-6,
                             name="encoder", sequence_parallel=sp)
         g = torch.Generator().manual_seed(1)
         x = torch.randn(2, 16, tower.width, generator=g)

@@ -153,16 +153,22 @@ def _open_clip_visual(sd, cfg, latents):
     x = torch.cat([sd["visual.class_embedding"].expand(x.shape[0], 1, w), x], dim=1) + sd["visual.positional_embedding"]
     for i in range(vc["layers"]):
         p = f"visual.transformer.resblocks.{i}."
-        ln = lambda t, n: torch.nn.functional.layer_norm(t, (w,), sd[p + n + ".weight"], sd[p + n + ".bias"], 1e-6)
+
+        def ln(t, n, p=p):
+            return torch.nn.functional.layer_norm(t, (w,), sd[p + n + ".weight"], sd[p + n + ".bias"], 1e-6)
+
         mha = torch.nn.MultiheadAttention(w, heads, batch_first=True)
-        mha.load_state_dict({"in_proj_weight": sd[p + "attn.in_proj_weight"], "in_proj_bias": sd[p + "attn.in_proj_bias"],
-                             "out_proj.weight": sd[p + "attn.out_proj.weight"], "out_proj.bias": sd[p + "attn.out_proj.bias"]})
+        mha.load_state_dict({k: sd[p + "attn." + k] for k in ("in_proj_weight", "in_proj_bias", "out_proj.weight",
+                                                              "out_proj.bias")})
         h = ln(x, "ln_1")
         x = x + mha(h, h, h, need_weights=False)[0]
         h = torch.nn.functional.linear(ln(x, "ln_2"), sd[p + "mlp.c_fc.weight"], sd[p + "mlp.c_fc.bias"])
-        x = x + torch.nn.functional.linear(torch.nn.functional.gelu(h), sd[p + "mlp.c_proj.weight"], sd[p + "mlp.c_proj.bias"])
+        h = torch.nn.functional.gelu(h)
+        x = x + torch.nn.functional.linear(h, sd[p + "mlp.c_proj.weight"], sd[p + "mlp.c_proj.bias"])
     tokens = x[:, 1:]
-    pooled = torch.nn.functional.layer_norm(tokens.mean(1), (w,), sd["visual.ln_post.weight"], sd["visual.ln_post.bias"], 1e-6)
+    ln_post = (sd["visual.ln_post.weight"], sd["visual.ln_post.bias"])
+    pooled = torch.nn.functional.layer_norm(tokens.mean(1), (w,), *ln_post,
+                                            1e-6)
     return pooled @ sd["visual.proj"], tokens
 
 
@@ -184,7 +190,6 @@ def test_open_clip_export_and_round_trip(ckpt, tmp_path, mp1):
     uni = tmp_path / "imported"
     r = _convert("--import-open-clip", out, "--output", uni, "--model-size", "tiny")
     assert r.returncode == 0, r.stderr[-3000:]
-    from megatron_ov3.export.convert import load_source
     from megatron_ov3.models import FrozenVAE, OV3Config, build_model
     from megatron_ov3.checkpointing.universal import load_universal
 

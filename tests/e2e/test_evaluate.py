@@ -23,11 +23,13 @@ def trained(tmp_path_factory):
     d = tmp_path_factory.mktemp("evalrun")
     write_synthetic_shards(str(d / "train"), 1600, samples_per_shard=200, image_size=32, seed=0)
     write_synthetic_shards(str(d / "heldout"), 128, samples_per_shard=32, image_size=32, seed=99)
-    caps = [s["txt"].decode() for i in range(8) for s in iter_tar_samples(str(d / "train" / f"synthetic-{i:05d}.tar"), print)]
+    caps = [s["txt"].decode() for i in range(8)
+            for s in iter_tar_samples(str(d / "train" / f"synthetic-{i:05d}.tar"), print)]
     tok = train_tokenizer(caps, str(d / "tok"), vocab_size=64)
     (d / "classes.txt").write_text("circle\nsquare\ntriangle\n")
     env = subprocess_env(ROOT)
-    cmd = [sys.executable, "-m", "megatron_ov3.pretrain", "--data-path", str(d / "train" / "synthetic-{00000..00007}.tar"),
+    cmd = [sys.executable, "-m", "megatron_ov3.pretrain",
+           "--data-path", str(d / "train" / "synthetic-{00000..00007}.tar"),
            "--tokenizer", tok, "--tiny-vae", "--image-size", "32", "--micro-batch-size", "16", "--global-batch-size",
            "16", "--train-iters", "150", "--lr", "3e-3", "--lr-warmup-iters", "10", "--weight-decay", "0.05",
            "--num-workers", "1", "--log-interval", "50", "--save", str(d / "ck"),

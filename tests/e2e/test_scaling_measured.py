@@ -20,7 +20,7 @@ def _tool(name, *flags, timeout=900):
 def test_measured_runs_next_to_calibrated_prediction(tmp_path):
     bench = tmp_path / "bench.json"
     r = _tool("benchmark.py", "--model-size", "tiny", "--image-size", 32, "--micro-batch-size", 8, "--tiny-vae",
-              "--fp32", "--steps", 3, "--warmup", 2, "--no-naive", "--no-bare", "--json", bench)
+              "--no-bf16", "--steps", 3, "--warmup", 2, "--no-naive", "--no-bare", "--json", bench)
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "study"
     r = _tool("scaling_study.py", "--model-size", "tiny", "--image-size", 32, "--global-batch-size", 8,
@@ -45,7 +45,7 @@ def test_measured_runs_next_to_calibrated_prediction(tmp_path):
 
 def test_measured_mode_usage_errors(tmp_path):
     r = _tool("scaling_study.py", "--model-size", "tiny", "--measure", "3:tp2", timeout=120)
-    assert r.returncode == 2 and "not divisible by TP x PP" in r.stderr
+    assert r.returncode == 2 and "are not divisible by TP" in r.stderr
     r = _tool("scaling_study.py", "--model-size", "tiny", "--measure", "2:fast", timeout=120)
     assert r.returncode == 2 and "unknown part 'fast'" in r.stderr
     r = _tool("scaling_study.py", "--model-size", "tiny", "--measure", "4:tp0", timeout=120)

@@ -140,7 +140,8 @@ def test_usage_errors_exit_2(dataset, tmp_path):
     assert r.returncode == 2 and "set --position-embedding-type to match" in r.stderr, r.stderr[-2000:]
     r = run("--help")
     assert r.returncode == 0
-    for group in ("model:", "data:", "batch and schedule:", "parallelism and precision:", "checkpointing:", "logging:"):
+    for group in ("model:", "data:", "batch and schedule:", "parallelism:", "layers and precision:", "checkpointing:",
+                  "logging:"):
         assert group in r.stdout
 
 
@@ -155,7 +156,7 @@ def test_huge_recipe_starts_through_launcher(tmp_path, how):
         env["NUM_GPUS"] = "1"
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "Pre-train an OpenVision 3 encoder" in r.stdout and "parallelism and precision:" in r.stdout
+    assert "Pre-train an OpenVision 3 encoder" in r.stdout and "layers and precision:" in r.stdout
 
 
 def _mock_run(tmp_path, name, *flags, nproc=1, port=0):

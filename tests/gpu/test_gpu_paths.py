@@ -74,7 +74,7 @@ def test_benchmark_real_size(mp1):
     from megatron_ov3.perf.benchmark import Bench, BenchConfig, format_report
 
     bc = BenchConfig(size="B", image_size=256, micro_batch=8, steps=3, warmup=2, bare_compile=True,
-                     vae_decode=VAEDecodeConfig(channels_last=True, autocast_bf16=True, torch_compile=True))
+                     vae_decode=VAEDecodeConfig(channels_last=True, autocast_bf16=True, compile=True))
     rep = Bench(bc, torch.device("cuda")).run()
     print(format_report(rep))
     assert {"ov3_vs_naive", "encoder_vs_bare_vit", "encoder_vs_bare_vit_compiled",

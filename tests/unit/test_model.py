@@ -51,7 +51,8 @@ def test_forward_backward_losses_and_grads(mp1):
     torch.testing.assert_close(out["total_loss"], expected)
     assert math.isclose(float(out["logit_scale"]), 1 / 0.07, rel_tol=1e-5)
     out["total_loss"].backward()
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all())]
+    missing = [n for n, p in model.named_parameters()
+               if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all())]
     assert not missing, missing
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
     vae_params = list(model.vae.parameters())

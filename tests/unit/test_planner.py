@@ -54,7 +54,6 @@ def _measure(rank, world, zero, out):
     eng.step()
     local = lambda p: p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()  # noqa: E731
     params = sum(local(p) for p in eng.module.parameters()) * 4
-    states = set()
     torch_opt = eng.optimizer if isinstance(eng.optimizer, torch.optim.Optimizer) else eng.optimizer.optimizer
     optim = 0
     for st in torch_opt.state.values():

@@ -33,7 +33,7 @@ def _step(engine, dtype):
 
 @pytest.mark.parametrize("bf16", [True, False])
 def test_zero0_universal_round_trip_reaches_fp32_masters(mp1, tmp_path, bf16):
-    from megatron_ov3.checkpointing import universal
+    from megatron_ov3.checkpointing import deepspeed_io, universal
 
     dtype = torch.bfloat16 if bf16 else torch.float32
     src = _engine(bf16, seed=0)
@@ -42,7 +42,7 @@ def test_zero0_universal_round_trip_reaches_fp32_masters(mp1, tmp_path, bf16):
     universal.save_universal(src, str(tmp_path), {"iteration": 3, "optimizer_step": 3})
     d = os.path.join(str(tmp_path), "universal")
     meta, handles = universal.read_universal(d)
-    by_id = universal._fp32_masters(src)
+    by_id = deepspeed_io.fp32_masters(src)
     masters = [by_id.get(id(p), p) for p in src.module.parameters()]
     assert all(m.dtype == torch.float32 for m in masters) and ((masters[0] is not next(src.module.parameters()))
                                                                 == bf16)
@@ -53,7 +53,7 @@ def test_zero0_universal_round_trip_reaches_fp32_masters(mp1, tmp_path, bf16):
 
     dst = _engine(bf16, seed=1)  # different initialisation
     universal.load_universal(dst, d)
-    dst_by_id = universal._fp32_masters(dst)
+    dst_by_id = deepspeed_io.fp32_masters(dst)
     for a, b in zip(src.module.parameters(), dst.module.parameters()):
         assert torch.equal(by_id.get(id(a), a), dst_by_id.get(id(b), b))
     # one more step on both: identical, so nothing of the new engine's initialisation survived the load
