@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# megatron_ov3-recipe: configs/ov3_tiny.yaml num_gpus=2
 # Tiny OV3 on CPU (or one small GPU): every value lives in examples/configs/ov3_tiny.yaml; same mechanism as
 # pretrain_ov3_huge.sh.
 #
@@ -7,7 +8,7 @@
 ''':'
 exec "${OV3_PYTHON:-python}" "$0" --ov3-launch "$@"
 ':'''
-import os, sys  # noqa: E401
+import sys  # noqa: E401
 from megatron_ov3.launch import recipe_main
 
-recipe_main(os.path.abspath(__file__), os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "ov3_tiny.yaml"), sys.argv[1:], default_gpus="2")
+recipe_main(__file__, sys.argv[1:])

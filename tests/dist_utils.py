@@ -57,3 +57,12 @@ def subprocess_env(root: str, **extra) -> dict:
         env.pop(k, None)
     env.update(extra)
     return env
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (each multi-process test takes its own)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

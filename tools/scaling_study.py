@@ -9,6 +9,7 @@ metrics files and put them next to the planner's prediction (table, measured.jso
   python tools/scaling_study.py --model-size tiny --image-size 32 --global-batch-size 8 --measure 1 2 4 \
       --calibrate bench.json --output study/          # CPU: --train-flags defaults to '--mock-data --tiny-vae'
 """
+import dataclasses
 import json
 import os
 import shlex
@@ -89,6 +90,12 @@ def _measure(args, hw):
     if args.measure_iters < 1:
         raise UsageError("--measure-iters must be >= 1")
     size = args.model_size[0]
+    if args.hostfile:  # the hosts of the hostfile set the node size (DeepSpeed's own hostfile parser)
+        from megatron_ov3.scaling.measure import hostfile_slots
+
+        slots = hostfile_slots(args.hostfile)
+        hw = dataclasses.replace(hw, gpus_per_node=min(slots.values()))
+        print(f"--hostfile {args.hostfile}: {len(slots)} hosts x {hw.gpus_per_node} processes")
     specs = []
     for text in args.measure:
         try:

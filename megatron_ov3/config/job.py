@@ -123,6 +123,8 @@ class ParallelConfig:
     """DeepSpeed ZeRO stage over the data-parallel group."""
     overlap_grad_reduce: bool = field(default=False, metadata=cli())
     """Overlap ZeRO-1/2 gradient reduction with backward (DeepSpeed overlap_comm; ignored under pipelining)."""
+    distributed_timeout_minutes: int = field(default=10, metadata=cli())
+    """A collective that waits longer than this (e.g. for a host that died) fails and stops the job."""
 
     def validate(self, world: int, model: Optional[OV3Config] = None,
                  layers: Optional[LayerImplConfig] = None) -> int:
@@ -131,6 +133,8 @@ class ParallelConfig:
         tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
         if tp < 1 or pp < 1:
             raise UsageError("parallel sizes must be >= 1")
+        if self.distributed_timeout_minutes < 1:
+            raise UsageError("--distributed-timeout-minutes must be >= 1")
         if world % (tp * pp):
             raise UsageError(f"{world} processes are not divisible by TP {tp} x PP {pp}; change the sizes")
         if pp > 1 and self.zero_stage > 1:

@@ -118,6 +118,21 @@ def calibrate(hw: Hardware, bench: dict) -> Hardware:
     return dataclasses.replace(hw, **changes)
 
 
+def hostfile_slots(path: str) -> dict:
+    """{host: slots} of a DeepSpeed hostfile, read by DeepSpeed's own parser; a bad file is a usage error."""
+    from deepspeed.launcher.runner import fetch_hostfile
+
+    if not os.path.isfile(path):
+        raise UsageError(f"--hostfile {path!r} does not exist")
+    try:
+        pool = fetch_hostfile(path)
+    except ValueError as e:
+        raise UsageError(f"--hostfile {path}: {e}; each line is 'HOST slots=N'") from None
+    if not pool:
+        raise UsageError(f"--hostfile {path} names no host")
+    return dict(pool)
+
+
 def _launcher_cmd(spec: RunSpec, port: int, hostfile: Optional[str], gpus_per_node: int) -> List[str]:
     ds = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     if hostfile:

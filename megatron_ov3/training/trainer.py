@@ -304,6 +304,7 @@ def run(job: JobConfig, world: int) -> int:
 
     plan = job.validate(world)  # usage errors never need the network
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/megatron_ov3/torch_extensions"))
+    parallel.init_distributed(timeout_minutes=job.parallel.distributed_timeout_minutes)
     parallel.initialize_model_parallel(job.parallel.tensor_model_parallel_size,
                                        job.parallel.pipeline_model_parallel_size, seed=job.train.seed)
     deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
