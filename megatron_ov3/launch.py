@@ -104,9 +104,24 @@ def prepare_launch(argv: List[str], environ: Mapping[str, str]) -> List[str]:
     if "-h" in user or "--help" in user:
         return list(argv[:at + 1]) + user  # the ranks print the help; nothing to check
     multi = preflight(args, recipe[0], user)
+    head = list(argv[:at + 1])
     if multi and args.launcher.lower() == "pdsh":
         user = [pdsh_safe(a) for a in user]
-    return list(argv[:at + 1]) + user
+    elif multi and args.launcher.lower() == "openmpi":
+        head = _openmpi_exports(head, args)
+    return head + user
+
+
+def _openmpi_exports(head: List[str], args) -> List[str]:
+    """DeepSpeed's openmpi runner gives the ranks no MASTER_ADDR/MASTER_PORT (it expects mpi4py discovery):
+    export them with ``mpirun -x`` through ``--launcher_args`` (the first host, unless --master_addr says)."""
+    hosts, _ = launch_hosts(args)
+    addr = args.master_addr or next(iter(hosts))
+    extra = f"-x MASTER_ADDR={addr} -x MASTER_PORT={args.master_port}"
+    if "--launcher_args" in head:
+        i = head.index("--launcher_args")
+        return head[:i + 1] + [f"{head[i + 1]} {extra}"] + head[i + 2:]
+    return head[:1] + ["--launcher_args", extra] + head[1:]
 
 
 def pdsh_safe(arg: str) -> str:

@@ -412,4 +412,8 @@ def job_from_dict(d: Mapping[str, Any]) -> JobConfig:
 
 
 def world_size() -> int:
+    """The number of processes of this launch (the launcher's variables; 1 when nothing launched us)."""
+    from ..parallel import adopt_launcher_env
+
+    adopt_launcher_env()
     return int(os.environ.get("WORLD_SIZE", "1"))

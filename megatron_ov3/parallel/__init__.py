@@ -22,12 +22,43 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# rank, world size and local rank as each launcher exports them (torchrun/DeepSpeed's pdsh runner: RANK, ...)
+LAUNCHER_VARIABLES = (
+    ("OpenMPI", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+    ("MVAPICH", "MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_LOCAL_RANK"),
+    ("MPICH/Intel MPI", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
+    ("Slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
+)
+
+
+def adopt_launcher_env(environ=None) -> dict:
+    """RANK / WORLD_SIZE / LOCAL_RANK from an MPI or Slurm launcher's own variables when they are not set (the
+    DeepSpeed launcher's openmpi/mpich/mvapich/slurm runners start ranks with those), set in ``environ``
+    (default ``os.environ``). MASTER_ADDR/MASTER_PORT must then come from the launch (see the README)."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env:
+        return {}
+    for name, rank, size, local in LAUNCHER_VARIABLES:
+        if rank in env and size in env:
+            found = {"RANK": env[rank], "WORLD_SIZE": env[size], "LOCAL_RANK": env.get(local, "0")}
+            if "MASTER_ADDR" not in env:
+                from ..errors import UsageError
+
+                raise UsageError(f"started by {name} ({rank} is set) without MASTER_ADDR; export MASTER_ADDR "
+                                 f"(the first host) and MASTER_PORT to every rank (README: Multi-node)")
+            env.setdefault("MASTER_PORT", "29500")
+            env.update(found)
+            return found
+    return {}
+
+
 def init_distributed(backend: Optional[str] = None, timeout_minutes: int = 30) -> None:
     """Initialise torch.distributed from the launcher's environment (RANK/WORLD_SIZE/MASTER_ADDR/...), or as
     a 1-process group when nothing launched us. NCCL when CUDA is available, gloo otherwise."""
     if dist.is_initialized():
         return
     cpu_shim.install()
+    adopt_launcher_env()
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
         if torch.cuda.is_available():

@@ -165,8 +165,8 @@ def test_bad_launches_are_one_line(two_hosts, dataset, tmp_path):
     assert r.returncode == 2 and len(errors) == 1, r.stderr[-2000:]
     assert "3 processes" in errors[0] and "not divisible by TP 2" in errors[0] and "127.0.0.2=1" in errors[0]
 
-    r = launch(hostfile(tmp_path, "127.0.0.1 slots=1", f"{two_hosts['mismatch_host']} slots=1"), env, "--train-iters", 2,
-               timeout=240)
+    other = hostfile(tmp_path, "127.0.0.1 slots=1", f"{two_hosts['mismatch_host']} slots=1")
+    r = launch(other, env, "--train-iters", 2, timeout=240)
     assert r.returncode != 0
     lines = [line for line in (r.stdout + r.stderr).splitlines() if "error: rank 1 on" in line]
     assert lines and "disagrees with rank 0" in lines[0] and "simulated" in lines[0], (r.stdout + r.stderr)[-3000:]

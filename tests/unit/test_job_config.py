@@ -189,3 +189,33 @@ def test_only_usage_errors_exit_2():
     assert run(bad_input, []) == 2
     with pytest.raises(ValueError, match="a bug"):  # an internal error keeps its traceback
         run(internal, [])
+
+
+def test_mpi_and_slurm_launchers_set_the_rank():
+    from megatron_ov3.parallel import adopt_launcher_env
+
+    env = {"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+           "MASTER_ADDR": "node0"}
+    assert adopt_launcher_env(env) == {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}
+    assert env["MASTER_PORT"] == "29500"
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "5", "MASTER_ADDR": "n1", "RANK": "0"}
+    assert adopt_launcher_env(env) == {} and env["RANK"] == "0"  # torchrun/DeepSpeed's own variables win
+    with pytest.raises(UsageError, match="started by Slurm .* without MASTER_ADDR"):
+        adopt_launcher_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
+
+
+def test_launcher_hook_turns_recipe_env_into_flags_and_checks_first(tmp_path):
+    """What the `deepspeed` launcher process does for a recipe (megatron_ov3_recipes.pth -> prepare_launch)."""
+    from megatron_ov3.data.tokenizer import train_tokenizer
+    from megatron_ov3.launch import prepare_launch
+
+    tok = train_tokenizer(["a red circle", "two blue squares"] * 20, str(tmp_path / "tok"), vocab_size=32)
+    env = {"DATA_PATH": "d/{0..3}.tar", "TOKENIZER": tok, "IMAGE_SIZE": "32", "MICRO_BATCH": "4", "GLOBAL_BATCH": "8"}
+    script = os.path.join(ROOT, "examples", "pretrain_ov3_tiny.sh")
+    argv = ["deepspeed", "--num_gpus", "2", script, "--train-iters", "3"]
+    out = prepare_launch(argv, env)
+    assert out[:4] == argv[:4] and out[-2:] == ["--train-iters", "3"]
+    assert out[4:6] == ["--data-path", "d/{0..3}.tar"] and "--micro-batch-size" in out
+    assert prepare_launch(["deepspeed", "other.py", "--x"], env) == ["deepspeed", "other.py", "--x"]
+    with pytest.raises(UsageError, match="3 processes .*not divisible by --micro-batch-size 4 x data-parallel size 3"):
+        prepare_launch(["deepspeed", "--num_gpus", "3", script], env)
