@@ -13,7 +13,8 @@ CONFIG <flags>`` with the *same* flags:
   before anything starts (:func:`preflight`): the whole job resolves and validates for the hostfile's process
   count, and every host answers ssh. A problem is one line on stderr and exit code 2.
 * ``bash SCRIPT [flags]`` — the script's bash half runs ``python SCRIPT --ov3-launch``, which starts the
-  DeepSpeed launcher on the script (``HOSTFILE`` -> ``--hostfile``, ``NUM_GPUS`` -> ``--num_gpus``).
+  DeepSpeed launcher on the script (``HOSTFILE`` -> ``--hostfile``, ``NUM_GPUS`` -> ``--num_gpus``,
+  ``MASTER_ADDR``/``MASTER_PORT`` -> ``--master_addr``/``--master_port``).
 * on each rank (``python -u SCRIPT --local_rank=N [flags]``, what the launcher runs): :func:`recipe_main`
   trains with the recipe's config plus the flags.
 """
@@ -206,9 +207,10 @@ def launcher_command(script: str, config: str, argv: List[str], environ: Mapping
     if ds is None:
         raise UsageError("the 'deepspeed' launcher is not on PATH; pip install deepspeed (or activate its venv)")
     cmd = [ds]
-    if environ.get("HOSTFILE"):
-        cmd += ["--hostfile", environ["HOSTFILE"]]
-    gpus = environ.get("NUM_GPUS") or default_gpus
+    for var, flag in (("HOSTFILE", "--hostfile"), ("MASTER_ADDR", "--master_addr"), ("MASTER_PORT", "--master_port")):
+        if environ.get(var):
+            cmd += [flag, environ[var]]
+    gpus = environ.get("NUM_GPUS") or (None if environ.get("HOSTFILE") else default_gpus)  # a hostfile has slots
     if gpus:
         cmd += ["--num_gpus", gpus]
     return cmd + [script] + env_as_flags(config, environ) + argv

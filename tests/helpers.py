@@ -22,3 +22,17 @@ def random_batch(b=4, image_size=64, vocab=512, seed=0, text_len=80, caption_len
         "text_ids": text,
         "caption_ids": cap,
     }
+
+
+def tiny_dataset(directory):
+    """320 synthetic 32px image-caption samples in 8 tar shards and a 64-token sentencepiece model:
+    (data path in brace notation, tokenizer path)."""
+    import random
+
+    from megatron_ov3.data.synthetic import synthetic_sample, write_synthetic_shards
+    from megatron_ov3.data.tokenizer import train_tokenizer
+
+    write_synthetic_shards(str(directory), 320, samples_per_shard=40, image_size=32, seed=0)
+    rng = random.Random(1)
+    tok = train_tokenizer([synthetic_sample(rng, 8)[1] for _ in range(300)], str(directory / "tok"), vocab_size=64)
+    return str(directory / "synthetic-{00000..00007}.tar"), tok

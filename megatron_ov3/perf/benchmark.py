@@ -322,7 +322,7 @@ class Bench:
 
     def _encoder_flops(self):
         cfg = self.cfg
-        n = cfg.grid_size ** 2 + cfg.num_prefix_tokens
+        n = cfg.seq_length
         return 3.0 * tower_forward_flops(cfg.encoder, n)
 
     def bare_vit(self, compiled: bool):
@@ -331,7 +331,7 @@ class Bench:
         model = BareViT(e.width, e.depth, e.mlp, e.heads).to(dev, self.dtype)
         fwd = torch.compile(model) if compiled else model
         opt = _optimizer(model.parameters(), dev, fused=True)
-        x = torch.randn(bc.micro_batch, self.cfg.grid_size ** 2 + self.cfg.num_prefix_tokens, e.width, device=dev,
+        x = torch.randn(bc.micro_batch, self.cfg.seq_length, e.width, device=dev,
                         dtype=self.dtype)
 
         def step():

@@ -99,7 +99,7 @@ def calibrate(hw: Hardware, bench: dict) -> Hardware:
     changes = {"name": f"{bench.get('device', hw.name)} (calibrated)", "peak_tflops_bf16": peak,
                "devices_share_peak": str(bench.get("device", "")).startswith("CPU")}
     c = get_config(cfg["size"], image_size=cfg["image_size"])
-    tokens = c.grid_size ** 2 * cfg["micro_batch"] / tp
+    tokens = c.num_patches * cfg["micro_batch"] / tp
     falloff = min(1.0, (tokens / hw.saturation_tokens) ** 0.5)
     parts = res.get("ov3", {}).get("parts", {})
     towers = ("encoder", "decoder", "text", "caption")

@@ -35,13 +35,15 @@ def test_benchmark_report(tmp_path):
     for k in ("encoder_s", "decoder_s", "vae_decode_s", "vae_decode_target_s", "text_s", "caption_s",
               "optimizer_s"):
         assert parts[k] > 0, k
-    assert math.isclose(sum(parts.values()), res["ov3"]["mean_s"], rel_tol=1e-9)
+    # the parts, each timed alone, add up to about the step (the leftover is reported, not forced to fit)
+    measured = sum(v for k, v in parts.items() if k != "unaccounted_s")
+    assert 0.25 * res["ov3"]["mean_s"] < measured < 4 * res["ov3"]["mean_s"], (measured, res["ov3"]["mean_s"])
+    assert "vae_encode_s" not in parts  # latent input
+    for name in ("ov3", "naive", "encoder", "vae_decode"):
+        assert 0 < res[name]["mfu_vs_matmul"] <= 1, name  # FLOPs over-counted would exceed the matmul peak
     assert math.isclose(rep["ratios"]["ov3_vs_naive"], res["ov3"]["images_per_s"] / res["naive"]["images_per_s"])
     assert set(rep["ratios"]) >= {"ov3_vs_naive", "encoder_vs_bare_vit", "encoder_vs_megatron_local",
                                   "vae_decode_vs_naive"}
-    # the VAE decode alone: forward + backward to the latents = 2x the decoder's forward FLOPs
-    assert math.isclose(res["vae_decode"]["tflops_per_s"] * res["vae_decode"]["mean_s"] / 4 * 1e12,
-                        naive["vae_decode"], rel_tol=1e-9)
     assert rep["versions"]["torch"] and rep["device"].startswith("CPU") and rep["config"]["micro_batch"] == 4
     # the README table from the report
     t = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench_table.py"), str(out)],

@@ -17,16 +17,9 @@ DS = os.path.join(os.path.dirname(sys.executable), "deepspeed")
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    from megatron_ov3.data.synthetic import write_synthetic_shards
-    from megatron_ov3.data.tokenizer import train_tokenizer
-    from megatron_ov3.data.synthetic import synthetic_sample
-    import random
+    from helpers import tiny_dataset
 
-    d = tmp_path_factory.mktemp("train_data")
-    write_synthetic_shards(str(d), 320, samples_per_shard=40, image_size=32, seed=0)
-    rng = random.Random(1)
-    tok = train_tokenizer([synthetic_sample(rng, 8)[1] for _ in range(300)], str(d / "tok"), vocab_size=64)
-    return str(d / "synthetic-{00000..00007}.tar"), tok
+    return tiny_dataset(tmp_path_factory.mktemp("train_data"))
 
 
 def _env(dataset, ckpt, port, **extra):

@@ -18,15 +18,17 @@ MISMATCH = "ov3-other-software"  # an alias of 127.0.0.2 whose processes get a s
 
 
 def _ensure_packages():
-    if shutil.which("pdsh") and os.path.exists("/usr/sbin/sshd"):
+    """openssh-server and pdsh (needed), openmpi-bin (for the --launcher openmpi test), from Debian."""
+    if shutil.which("pdsh") and os.path.exists("/usr/sbin/sshd") and shutil.which("mpirun"):
         return None
     if os.geteuid() != 0 or not shutil.which("apt-get"):
         return "openssh-server and pdsh are missing and cannot be installed (not root or no apt-get)"
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "openssh-server", "pdsh"]):
+    install = ["apt-get", "install", "-y", "-q", "openssh-server", "pdsh", "openmpi-bin"]
+    for cmd in (["apt-get", "update", "-q"], install):
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
         if r.returncode != 0 and cmd[1] == "install":
-            return f"apt-get install openssh-server pdsh failed: {r.stderr.strip().splitlines()[-1:]}"
+            return f"apt-get install openssh-server pdsh openmpi-bin failed: {r.stderr.strip().splitlines()[-1:]}"
     return None
 
 

@@ -213,3 +213,20 @@ def test_overfit_one_batch_lowers_every_loss(mp1):
         last = {k: float(v) for k, v in model(batch).items() if k in first}
     for k in first:
         assert last[k] < first[k], (k, first[k], last[k])
+
+
+def test_vae_decode_backward_costs_one_forward():
+    """The FLOP count's decode-with-grad term (2x the decoder's forward) against torch's own counter over a real
+    forward + backward to the latents of the frozen VAE (no weight gradients)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from megatron_ov3.models import FrozenVAE
+    from megatron_ov3.models.accounting import vae_fwd_flops
+
+    vae = FrozenVAE.tiny(seed=0)
+    z = torch.zeros(2, 16, 4, 4, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        vae.decode(z).float().mean().backward()
+    per_image = counter.get_total_flops() / 2
+    forward = vae_fwd_flops(vae, 32)[1]
+    assert abs(per_image / forward - 2.0) < 0.1, per_image / forward
