@@ -45,7 +45,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(engine, directory: str, iteration: int, client_state: dict, json_files: Dict[str, dict],
-         keep_last: Optional[int] = None, extra=None) -> str:
+         keep_last: Optional[int] = None, extra=None, rng: Optional[dict] = None) -> str:
     """Collective: DeepSpeed's files, every rank's RNG, ``extra(partial_dir)`` (the universal copy) and the
     ``json_files`` (rank 0; e.g. the resolved job configuration) into ``iter_N.partial``, then published
     atomically (:func:`format.publish`)."""
@@ -56,7 +56,7 @@ def save(engine, directory: str, iteration: int, client_state: dict, json_files:
         fmt.start_partial(directory, partial)
     dist.barrier()
     engine.save_checkpoint(directory, tag=partial, client_state=client_state, save_latest=False)
-    torch.save(rng_state(), os.path.join(directory, partial, f"rng_rank{rank}.pt"))
+    torch.save(rng_state() if rng is None else rng, os.path.join(directory, partial, f"rng_rank{rank}.pt"))
     if extra is not None:
         extra(os.path.join(directory, partial))
     if rank == 0:

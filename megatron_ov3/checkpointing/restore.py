@@ -41,17 +41,15 @@ def _sync_lr(engine) -> None:
 
 def resume(engine, directory: str, zero_stage: int) -> tuple:
     """Exact resume (DeepSpeed files) when the layout is unchanged; otherwise reshard from the universal copy.
-    Returns (client state, how it was loaded)."""
+    Returns (client state, this rank's RNG states or None, how it was loaded)."""
     tag = _latest(directory, "--load")
     if same_layout(directory, tag, zero_stage):
         tag, client, rng = deepspeed_io.load(engine, directory)
-        if rng is not None:
-            deepspeed_io.set_rng_state(rng)
-        return client, "same layout"
+        return client, rng, "same layout"
     client = universal.load_universal(engine, os.path.join(directory, tag, "universal"))
     engine.lr_scheduler.load_state_dict(client["scheduler"])
     _sync_lr(engine)
-    return client, (f"resharded from TP{client['tensor_parallel']} x PP{client['pipeline_stages']} x "
+    return client, None, (f"resharded from TP{client['tensor_parallel']} x PP{client['pipeline_stages']} x "
                     f"DP{client['data_parallel']} ZeRO-{client['zero_stage']}")
 
 

@@ -21,6 +21,12 @@ from ..errors import UsageError
 from ..options import cli
 
 
+BACKENDS = ("auto", "local", "te")
+"""Layer backends: megatron-core's local modules, Transformer Engine, or TE when it imports."""
+ATTENTIONS = ("sdpa", "unfused")
+"""Core attention of the local backend: torch's fused SDPA kernels or megatron's unfused softmax."""
+
+
 class ConfigError(UsageError):
     """An invalid configuration value; the message names the field and how to fix it."""
 
@@ -253,8 +259,6 @@ class LayerImplConfig:
     :mod:`megatron_ov3.converters`; checkpoints unchanged)."""
 
     def __post_init__(self):
-        from .specs import ATTENTIONS, BACKENDS
-
         _require(self.transformer_impl in BACKENDS,
                  f"transformer_impl {self.transformer_impl!r} unknown; use one of {BACKENDS}")
         _require(self.attention_backend in ATTENTIONS,

@@ -35,8 +35,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.utils import divide
 
-BACKENDS = ("auto", "local", "te")
-ATTENTIONS = ("sdpa", "unfused")
+from .config import ATTENTIONS, BACKENDS  # defined with the configs, which import no megatron-core
 
 
 def te_available() -> bool:

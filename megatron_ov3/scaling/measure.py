@@ -23,6 +23,7 @@ from typing import List, Optional
 
 from .planner import Hardware, Layout, estimate
 from ..errors import UsageError
+from ..training.metrics import read_jsonl
 
 
 @dataclass
@@ -173,10 +174,10 @@ def run_measured(spec: RunSpec, *, size: str, image_size: int, global_batch: int
     if proc.returncode != 0 or not os.path.exists(metrics):
         tail = (stderr or stdout)[-1500:]
         raise RuntimeError(f"measured run {spec.name} failed (exit {proc.returncode}): {tail}")
-    rows = [json.loads(line) for line in open(metrics)][warmup:]
+    rows = read_jsonl(metrics)[warmup:]  # the training log's own schema (training/metrics.py)
     if not rows:
         raise RuntimeError(f"measured run {spec.name} logged no iteration after the {warmup} warm-up ones")
-    step = statistics.median(r_["step_time_s"] for r_ in rows)
+    step = statistics.median(r_["step_time_s"] for r_ in rows)  # keys of metrics.RECORD_KEYS
     return {"spec": dataclasses.asdict(spec), "layout": dataclasses.asdict(lay), "command": shlex.join(cmd),
             "iterations": len(rows), "step_time_s": step, "samples_per_s": global_batch / step,
             "peak_memory_mb": max(r_.get("memory_mb_max_rank", r_["memory_mb"]) for r_ in rows)}

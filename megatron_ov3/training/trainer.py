@@ -27,7 +27,7 @@ from .ds_config import deepspeed_config
 from .metrics import sinks_for
 from .model_builder import build_data, build_model_for_job, memory_mb
 from .optim import build_optimizer
-from .state import TrainState
+from .state import RNGState, TrainState
 
 
 class StopTraining(Exception):
@@ -120,7 +120,7 @@ class Trainer:
 
         self.engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=opt, lr_scheduler=sched,
                                                     config=deepspeed_config(job, plan), mpu=MegatronMPU())
-        self.state = TrainState()
+        self.state, self.rng = TrainState(), RNGState()
         self.data = None
         self.own_grad_norm = job.parallel.zero_stage == 0 and not job.layers.bf16
         self._sums: Dict[str, float] = {}
@@ -140,8 +140,10 @@ class Trainer:
                                                                    else "fresh")
             log0(f"--load {ck.load} holds no checkpoint yet: starting {then}")
         if self.resume:
-            client, how = restore.resume(self.engine, ck.load, self.job.parallel.zero_stage)
+            client, rng, how = restore.resume(self.engine, ck.load, self.job.parallel.zero_stage)
             self.state.load_state_dict(client)
+            if rng is not None:
+                self.rng.load_state_dict(rng)
             data_state = restore.data_state_for(client, self.dp_size, self.dp_rank, log0)
             log0(f"resumed from {os.path.join(ck.load, ckpt_format.read_latest(ck.load))} at iteration "
                  f"{self.state.iteration} ({self.state.consumed_samples} samples; {how})")
@@ -258,7 +260,8 @@ class Trainer:
                         **restore.current_layout(zero))
             extra = lambda d: universal.save_universal(self.engine, d, meta)  # noqa: E731
         files = {"ov3_config.json": self.model.cfg.to_dict(), "job_config.json": self.job.to_dict()}
-        tag = deepspeed_io.save(self.engine, ck.save, self.state.iteration, client, files, ck.keep_last, extra=extra)
+        tag = deepspeed_io.save(self.engine, ck.save, self.state.iteration, client, files, ck.keep_last, extra=extra,
+                                rng=self.rng.state_dict())
         log0(f"saved checkpoint {os.path.join(ck.save, tag)} in {time.time() - t:.1f}s")
 
     def evaluate(self) -> None:

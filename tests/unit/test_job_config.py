@@ -178,8 +178,11 @@ def test_dry_run_resolves_each_recipe(recipe, env, tmp_path):
         assert tree["logging"]["tensorboard_dir"] == "checkpoints/ov3-huge/tensorboard"
 
 
-def test_only_usage_errors_exit_2():
+def test_only_usage_errors_exit_2(monkeypatch):
+    from megatron_ov3 import cli
     from megatron_ov3.cli import run
+
+    monkeypatch.setattr(cli, "_shutdown_distributed", lambda barrier: None)  # keep the session's process group
 
     def bad_input(argv):
         raise UsageError("--x is wrong; use y\nsecond line")
