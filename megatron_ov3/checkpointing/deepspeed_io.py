@@ -70,6 +70,54 @@ def save(engine, directory: str, iteration: int, client_state: dict, json_files:
     return tag
 
 
+def deepspeed_safe_globals() -> list:
+    """The only non-tensor, non-container objects DeepSpeed's own checkpoint files hold (found by loading ZeRO
+    0/1/2/3, fp32 and bf16 checkpoints with ``weights_only=True``): plain state objects, no callables."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_torch_load(path: str, map_location=None):
+    """``torch.load(weights_only=True)`` with DeepSpeed's few state classes allowed: a file that names any other
+    global (e.g. a planted ``os.system``) is refused before anything in it runs; a damaged file is named."""
+    import pickle
+    import zipfile
+
+    try:
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), str(e).splitlines()[0])
+        raise UsageError(f"refusing to load {path}: it holds more than tensors and DeepSpeed's state "
+                         f"({reason[:160]}); loading it would run code from the file. Use checkpoints you wrote "
+                         f"yourself") from None
+    except (EOFError, zipfile.BadZipFile, RuntimeError) as e:
+        raise UsageError(f"checkpoint file {path} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                         f"resume from an earlier iter_* folder (edit 'latest') or re-save it") from None
+
+
+class _WeightsOnlyLoads:
+    """Within ``with``, the engine's checkpoint engine (through which DeepSpeed reads every model and ZeRO
+    optimizer file, with ``torch.load(weights_only=False)``) reads with :func:`safe_torch_load` instead."""
+
+    def __init__(self, engine):
+        self.ce = getattr(engine, "checkpoint_engine", None)
+
+    def __enter__(self):
+        if self.ce is not None:
+            self.original = self.ce.load
+            self.ce.load = lambda path, map_location=None: safe_torch_load(path, map_location)
+        return self
+
+    def __exit__(self, *exc):
+        if self.ce is not None:
+            self.ce.load = self.original
+        return False
+
+
 def load(engine, directory: str, module_only: bool = False, load_optimizer: bool = True,
          load_scheduler: Optional[bool] = None):
     """Load ``latest`` from ``directory`` into the engine; returns (tag, client_state, rng dict or None).
@@ -79,15 +127,19 @@ def load(engine, directory: str, module_only: bool = False, load_optimizer: bool
     tag = fmt.read_latest(directory)
     if tag is None:
         raise MissingFile(f"{directory!r} has no '{fmt.LATEST}' file; is it a megatron_ov3 checkpoint directory?")
-    path, client = engine.load_checkpoint(
-        directory, tag=tag, load_module_only=module_only, load_optimizer_states=load_optimizer and not module_only,
-        load_lr_scheduler_states=(not module_only) if load_scheduler is None else load_scheduler,
-    )
+    with _WeightsOnlyLoads(engine):  # DeepSpeed's loader would unpickle arbitrary objects
+        path, client = engine.load_checkpoint(
+            directory, tag=tag, load_module_only=module_only,
+            load_optimizer_states=load_optimizer and not module_only,
+            load_lr_scheduler_states=(not module_only) if load_scheduler is None else load_scheduler,
+        )
     if path is None:
         raise UsageError(f"DeepSpeed could not load checkpoint {os.path.join(directory, tag)!r}")
     rng_file = os.path.join(directory, tag, f"rng_rank{dist.get_rank()}.pt")
-    rng = torch.load(rng_file, map_location="cpu", weights_only=True) if os.path.isfile(rng_file) else None
+    rng = safe_torch_load(rng_file, map_location="cpu") if os.path.isfile(rng_file) else None
     return tag, client or {}, rng
+
+
 def unwrap(engine):
     return engine.module if hasattr(engine, "module") else engine
 

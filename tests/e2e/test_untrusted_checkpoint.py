@@ -1,0 +1,73 @@
+"""Loading never runs code from a file: a checkpoint whose DeepSpeed model states hold a planted pickle is
+refused with one line (exit 2) by every entry point that reads checkpoints, and its payload never runs."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dist_utils import subprocess_env
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):  # what an attacker's pickle does: call os.system when unpickled
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture()
+def planted(tmp_path):
+    ck, marker = tmp_path / "ck", tmp_path / "PAYLOAD_RAN"
+    (ck / "iter_0000001").mkdir(parents=True)
+    (ck / "latest").write_text("iter_0000001")
+    torch.save({"module": {}, "evil": _Payload(marker)}, ck / "iter_0000001" / "mp_rank_00_model_states.pt")
+    return ck, marker
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=subprocess_env(ROOT), capture_output=True,
+                          text=True, timeout=300)
+
+
+def _one_error(r):
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1, (r.returncode, r.stderr[-3000:])
+    return errors[0]
+
+
+TRAIN = ["-m", "megatron_ov3.pretrain", "--mock-data", "--tiny-vae", "--image-size", "32", "--micro-batch-size", "2",
+         "--global-batch-size", "2", "--train-iters", "2"]
+
+
+@pytest.mark.parametrize("flag", ["--load", "--finetune-from"])
+def test_training_refuses_a_planted_pickle(planted, flag):
+    ck, marker = planted
+    err = _one_error(_run(*TRAIN, flag, ck))
+    assert "refusing to load" in err and "mp_rank_00_model_states.pt" in err and "system" in err, err
+    assert not marker.exists(), "the planted payload ran"
+
+
+def test_export_and_evaluation_read_no_pickle(planted, tmp_path):
+    ck, marker = planted
+    err = _one_error(_run("tools/convert_to_hf.py", "--load", ck, "--target", "hf", "--output", tmp_path / "x"))
+    assert "no universal copy" in err
+    err = _one_error(_run("tools/evaluate.py", "--load", ck, "--data-path", "d/{0..1}.tar", "--tokenizer", "t.model",
+                          "--output", tmp_path / "e"))
+    assert "no universal copy" in err
+    assert not marker.exists()
+
+
+def test_a_damaged_model_states_file_is_named(tmp_path):
+    """A real checkpoint, its model-states file truncated: one line naming the file, not a traceback."""
+    ck = tmp_path / "ck"
+    r = _run(*TRAIN, "--save", ck, "--no-save-universal")
+    assert r.returncode == 0, r.stderr[-3000:]
+    f = ck / "iter_0000002" / "mp_rank_00_model_states.pt"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    err = _one_error(_run(*TRAIN[:-1], "4", "--load", ck))
+    assert "is damaged" in err and "mp_rank_00_model_states.pt" in err, err
