@@ -22,6 +22,7 @@ from ..config.job import BatchPlan, JobConfig
 from ..errors import UsageError
 from ..models.accounting import step_flops_per_sample
 from ..models.specs import resolve_backend
+from ..parallel.build_lock import clear_stale_build_locks
 from . import step as steps
 from .ds_config import deepspeed_config
 from .metrics import sinks_for
@@ -310,6 +311,7 @@ def run(job: JobConfig, world: int) -> int:
     parallel.init_distributed(timeout_minutes=job.parallel.distributed_timeout_minutes)
     parallel.initialize_model_parallel(job.parallel.tensor_model_parallel_size,
                                        job.parallel.pipeline_model_parallel_size, seed=job.train.seed)
+    clear_stale_build_locks(log0)  # DeepSpeed's JIT build would otherwise wait forever on a killed run's lock
     deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
     check_ranks_agree(software_facts(job))
     tr = Trainer(job, plan, world, resume=decide_once(job)["resume"])
