@@ -211,6 +211,9 @@ class CheckpointConfig:
             raise UsageError("--keep-last must be >= 1")
         if self.finetune_from and self.init_universal:
             raise UsageError("--finetune-from and --init-universal are exclusive")
+        for flag, path in (("--load", self.load), ("--save", self.save), ("--finetune-from", self.finetune_from)):
+            if path and os.path.isfile(path):
+                raise UsageError(f"{flag} {path!r} is a file; give the checkpoint folder (the one holding 'latest')")
         if self.keep_optimizer and not self.finetune_from:
             raise UsageError("--keep-optimizer only applies with --finetune-from")
 

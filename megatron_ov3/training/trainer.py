@@ -146,8 +146,10 @@ class Trainer:
             if rng is not None:
                 self.rng.load_state_dict(rng)
             data_state = restore.data_state_for(client, self.dp_size, self.dp_rank, log0)
-            log0(f"resumed from {os.path.join(ck.load, ckpt_format.read_latest(ck.load))} at iteration "
-                 f"{self.state.iteration} ({self.state.consumed_samples} samples; {how})")
+            tag_dir = os.path.join(ck.load, ckpt_format.read_latest(ck.load))
+            log0(f"resumed from {tag_dir} at iteration {self.state.iteration} ({self.state.consumed_samples} "
+                 f"samples; {how})")
+            self._warn_if_stage_changed(tag_dir)
         elif ck.finetune_from:
             restore.restore_weights(self.engine, ck.finetune_from, self.job.parallel.zero_stage, ck.keep_optimizer)
             cfg = self.model.cfg
@@ -158,6 +160,19 @@ class Trainer:
                  f"{'kept' if ck.keep_optimizer else 'reset'})")
         self.data = build_data(self.job, self.plan, self.dp_rank, self.dp_size, data_state,
                                self.state.consumed_samples)
+
+    def _warn_if_stage_changed(self, tag_dir: str) -> None:
+        """Resuming at another resolution continues the old schedule and data position: say so."""
+        import json
+
+        path = os.path.join(tag_dir, "ov3_config.json")
+        if not os.path.isfile(path):
+            return
+        saved = json.load(open(path)).get("image_size")
+        if saved is not None and saved != self.model.cfg.image_size:
+            log0(f"warning: {tag_dir} was trained at {saved}px and this run resumes it at "
+                 f"{self.model.cfg.image_size}px with its schedule and data position; for a new stage use "
+                 f"--finetune-from {os.path.dirname(tag_dir)}")
 
     def describe(self) -> str:
         j, p = self.job, self.plan

@@ -223,3 +223,10 @@ def test_launcher_hook_turns_recipe_env_into_flags_and_checks_first(tmp_path):
     assert prepare_launch(["deepspeed", "other.py", "--x"], env) == ["deepspeed", "other.py", "--x"]
     with pytest.raises(UsageError, match="3 processes .*not divisible by --micro-batch-size 4 x data-parallel size 3"):
         prepare_launch(["deepspeed", "--num_gpus", "3", script], env)
+
+
+def test_a_file_where_a_checkpoint_folder_belongs(tmp_path):
+    f = tmp_path / "ck.pt"
+    f.write_text("x")
+    with pytest.raises(UsageError, match="--load .* is a file; give the checkpoint folder"):
+        parse_job(BASE + ["--load", str(f)], environ={})[0].validate(1)
