@@ -9,7 +9,6 @@ ideally calibrated from ``tools/benchmark.py --json`` on the same machine (:func
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
