@@ -72,12 +72,9 @@ INIT_FIELDS = {"position_embedding_type": "--position-embedding-type", "pos_embe
 def init_from_universal(model, cfg, directory: str, log: Callable[[str], None] = print) -> None:
     """``--init-universal``: weights into the bare model before ZeRO partitions anything (every stage works);
     the encoder options must match the checkpoint's (the flag that differs is named)."""
-    from ..models import OV3Config
+    from ..models.config import current_names
 
-    saved = universal.read_meta(directory).get("model_config", {})
-    saved = OV3Config.from_dict(saved).to_dict() if "encoder" in saved else dict(saved)
-    if "pos_embed_type" in saved:
-        saved["position_embedding_type"] = saved.pop("pos_embed_type")
+    saved = current_names(universal.read_meta(directory).get("model_config", {}))
     mine = cfg.to_dict()
     for field, flag in INIT_FIELDS.items():
         if field in saved and saved[field] != mine[field]:

@@ -223,9 +223,7 @@ class OV3Config:
     @classmethod
     def from_dict(cls, d: dict) -> "OV3Config":
         known = {f.name for f in dataclasses.fields(cls)}
-        d = dict(d)
-        if "pos_embed_type" in d:  # the name before 2026-12 (checkpoints written then keep loading)
-            d.setdefault("position_embedding_type", d.pop("pos_embed_type"))
+        d = current_names(d)
         unknown = sorted(set(d) - known)
         _require(not unknown, f"unknown OV3Config fields {unknown}; remove them (known: {sorted(known)})")
         return cls(**d)
@@ -275,6 +273,19 @@ class LayerImplConfig:
     def params_dtype(self) -> torch.dtype:
         """Dtype of the transformer parameters (derived from ``bf16``: one switch for precision)."""
         return torch.bfloat16 if self.bf16 else torch.float32
+
+
+LEGACY_NAMES = {"pos_embed_type": "position_embedding_type"}
+"""Model-config field names before 2026-12 -> today's (checkpoints written then keep loading)."""
+
+
+def current_names(d: dict) -> dict:
+    """A copy of a (possibly partial) saved model-config dict with today's field names."""
+    d = dict(d)
+    for old, new in LEGACY_NAMES.items():
+        if old in d:
+            d.setdefault(new, d.pop(old))
+    return d
 
 
 def pixel_loss_samples(fraction: float, batch: int) -> int:
