@@ -46,25 +46,31 @@ def set_rng_state(state: dict) -> None:
 
 def save(engine, directory: str, iteration: int, client_state: dict, json_files: Dict[str, dict],
          keep_last: Optional[int] = None, extra=None, rng: Optional[dict] = None) -> str:
-    """Collective: DeepSpeed's files, every rank's RNG, ``extra(partial_dir)`` (the universal copy) and the
-    ``json_files`` (rank 0; e.g. the resolved job configuration) into ``iter_N.partial``, then published
-    atomically (:func:`format.publish`)."""
+    """Collective: DeepSpeed's files, every rank's RNG, ``extra(partial_dir)`` (the universal index) and the
+    ``json_files`` (rank 0; e.g. the resolved job configuration) into ``iter_N.partial``; each rank seals (checksums
+    and fsyncs) what it wrote, rank 0 writes the manifest and publishes atomically (:func:`format.publish`)."""
     tag = fmt.tag_for(iteration)
     partial = tag + ".partial"
+    folder = os.path.join(directory, partial)
     rank = dist.get_rank()
     if rank == 0:
         fmt.start_partial(directory, partial)
     dist.barrier()
     engine.save_checkpoint(directory, tag=partial, client_state=client_state, save_latest=False)
-    torch.save(rng_state() if rng is None else rng, os.path.join(directory, partial, f"rng_rank{rank}.pt"))
+    torch.save(rng_state() if rng is None else rng, os.path.join(folder, f"rng_rank{rank}.pt"))
     if extra is not None:
-        extra(os.path.join(directory, partial))
+        extra(folder)
     if rank == 0:
         for name, content in json_files.items():
-            with open(os.path.join(directory, partial, name), "w") as f:
+            with open(os.path.join(folder, name), "w") as f:
                 json.dump(content, f, indent=1, default=str)
-    dist.barrier()
+    names = file_names(engine)
+    mine = [f"rng_rank{rank}.pt", names["zero_file"]] + ([names["model_file"]] if engine.save_non_zero_checkpoint
+                                                          else [])
+    sealed = [None] * dist.get_world_size() if rank == 0 else None
+    dist.gather_object(fmt.seal(folder, [n for n in mine if n]), sealed, dst=0)
     if rank == 0:
+        fmt.write_manifest(folder, {k: v for part in sealed for k, v in part.items()})
         fmt.publish(directory, partial, tag, keep_last)
     dist.barrier()
     return tag
@@ -223,3 +229,24 @@ def adam_steps(engine) -> Optional[int]:
     return int(max(steps)) if steps else None
 
 
+
+
+def file_names(engine) -> dict:
+    """The names DeepSpeed gives this rank's files in a checkpoint folder: the model states (written by the first
+    data-parallel rank of each model-parallel rank) and, under ZeRO-1/2, this rank's optimizer partition."""
+    names = {"model_file": os.path.basename(engine._get_ckpt_name("", "tag")), "zero_file": None}
+    if engine.zero_optimization_stage() in (1, 2):
+        names["zero_file"] = os.path.basename(engine._get_zero_ckpt_name("", "tag"))
+    return names
+
+
+def optimizer_positions(engine) -> Dict[int, int]:
+    """``id(param) -> index`` of its state in the torch optimizer's ``state_dict()`` under ZeRO-0 (for the
+    unfused bf16 optimizer: the index of its fp32 master, in ``fp16_groups`` order); empty under ZeRO-1/2,
+    whose files name every parameter's slice themselves (``param_slice_mappings``)."""
+    if engine.zero_optimization_stage() != 0:
+        return {}
+    opt = engine.optimizer
+    groups = getattr(opt, "fp16_groups", None) or [g["params"] for g in torch_optimizer(engine).param_groups]
+    flat = [p for g in groups for p in g]
+    return {id(p): i for i, p in enumerate(flat)}

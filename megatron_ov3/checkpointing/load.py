@@ -9,21 +9,25 @@ from . import format as fmt
 from .universal import load_universal, read_meta
 
 
-def resolve_universal(path: str) -> str:
-    """Checkpoint dir (with ``latest``), an ``iter_*`` dir, or a ``universal`` dir -> the universal dir."""
+def resolve_universal(path: str, log=print) -> str:
+    """Checkpoint dir (with ``latest``), an ``iter_*`` dir, or a ``universal`` dir -> the universal dir (made
+    from DeepSpeed's files first when the checkpoint has none yet)."""
+    from .from_deepspeed import ensure_universal
+
     if not os.path.exists(path):
         raise MissingFile(f"checkpoint path {path!r} does not exist")
+    if not os.path.isdir(path):
+        raise UsageError(f"checkpoint path {path!r} is a file; pass the run's --save folder, one of its iter_* "
+                         f"folders or a universal folder")
     if os.path.isfile(os.path.join(path, "meta.json")):
+        fmt.check(path)
         return path
     if os.path.isfile(os.path.join(path, fmt.LATEST)):
         path = os.path.join(path, fmt.read_latest(path))
-    uni = os.path.join(path, "universal")
-    if not os.path.isfile(os.path.join(uni, "meta.json")):
-        raise MissingFile(
-            f"{path!r} has no universal copy (universal/meta.json); it was saved with --no-save-universal or "
-            f"ZeRO-3. Resume it once at the same layout without those and save again"
-        )
-    return uni
+    elif not fmt.is_tag(os.path.basename(os.path.normpath(path))):
+        raise MissingFile(f"{path!r} holds no checkpoint (no 'latest' file, and it is neither an iter_* nor a "
+                          f"universal folder); pass the --save folder of a run that has saved")
+    return ensure_universal(path, log)
 
 
 def vae_from_meta(meta: dict, vae_path: Optional[str] = None):

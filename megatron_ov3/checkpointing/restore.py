@@ -18,12 +18,40 @@ def current_layout(zero_stage: int) -> dict:
             "data_parallel": ps.get_data_parallel_world_size(), "zero_stage": zero_stage}
 
 
+def saved_layout(iter_dir: str) -> Optional[dict]:
+    """The layout a checkpoint was written at (from its index, or an eager universal copy's meta)."""
+    for path in (os.path.join(iter_dir, universal.INDEX), os.path.join(iter_dir, "universal", "meta.json")):
+        if os.path.isfile(path):
+            meta = json.load(open(path))
+            return meta.get("meta", meta)
+    return None
+
+
 def same_layout(directory: str, tag: str, zero_stage: int) -> bool:
-    path = os.path.join(directory, tag, "universal", "meta.json")
-    if not os.path.isfile(path):
-        return True  # no universal copy: only the DeepSpeed files can be used
-    meta = json.load(open(path))
+    meta = saved_layout(os.path.join(directory, tag))
+    if meta is None:
+        return True  # a checkpoint without index or universal copy: only the DeepSpeed files can be used
     return all(meta.get(k) == v for k, v in current_layout(zero_stage).items())
+
+
+def universal_for(iter_dir: str, log: Callable[[str], None] = print) -> str:
+    """Collective: ``iter_dir/universal``, converted from DeepSpeed's files by rank 0 first when missing (every
+    rank reads the same folder, so a shared filesystem is needed, as for any resharding). A failure is raised
+    as the same usage error on every rank."""
+    import torch.distributed as dist
+
+    from .from_deepspeed import ensure_universal
+
+    holder = [None]
+    if dist.get_rank() == 0:
+        try:
+            ensure_universal(iter_dir, log, verify=False)  # verify_shared has checked it
+        except UsageError as e:
+            holder[0] = str(e)
+    dist.broadcast_object_list(holder, src=0)
+    if holder[0]:
+        raise UsageError(holder[0])
+    return os.path.join(iter_dir, "universal")
 
 
 def _latest(directory: str, flag: str) -> str:
@@ -31,6 +59,22 @@ def _latest(directory: str, flag: str) -> str:
     if tag is None:
         raise MissingFile(f"{flag} {directory!r} holds no checkpoint ('latest' missing)")
     return tag
+
+
+def verify_shared(iter_dir: str) -> None:
+    """Collective: the manifest's files checked before anything is loaded, each rank a share (the bytes each
+    reads shrink with the world size); any damage is the same usage error, naming the file, on every rank."""
+    import torch.distributed as dist
+
+    manifest = fmt.read_manifest(iter_dir)
+    if manifest is None:
+        return
+    names = sorted(manifest)[dist.get_rank()::dist.get_world_size()]
+    found = [None] * dist.get_world_size()
+    dist.all_gather_object(found, fmt.verify(iter_dir, names))
+    problems = [p for part in found for p in part]
+    if problems:
+        raise fmt.damaged(iter_dir, problems)
 
 
 def _sync_lr(engine) -> None:
@@ -43,10 +87,11 @@ def resume(engine, directory: str, zero_stage: int) -> tuple:
     """Exact resume (DeepSpeed files) when the layout is unchanged; otherwise reshard from the universal copy.
     Returns (client state, this rank's RNG states or None, how it was loaded)."""
     tag = _latest(directory, "--load")
+    verify_shared(os.path.join(directory, tag))
     if same_layout(directory, tag, zero_stage):
         tag, client, rng = deepspeed_io.load(engine, directory)
         return client, rng, "same layout"
-    client = universal.load_universal(engine, os.path.join(directory, tag, "universal"))
+    client = universal.load_universal(engine, universal_for(os.path.join(directory, tag)))
     engine.lr_scheduler.load_state_dict(client["scheduler"])
     _sync_lr(engine)
     return client, None, (f"resharded from TP{client['tensor_parallel']} x PP{client['pipeline_stages']} x "
@@ -56,11 +101,12 @@ def resume(engine, directory: str, zero_stage: int) -> tuple:
 def restore_weights(engine, directory: str, zero_stage: int, keep_optimizer: bool) -> None:
     """A new stage (``--finetune-from``): the weights (and, asked, Adam's moments), never the schedule."""
     tag = _latest(directory, "--finetune-from")
+    verify_shared(os.path.join(directory, tag))
     if same_layout(directory, tag, zero_stage):
         deepspeed_io.load(engine, directory, module_only=not keep_optimizer, load_optimizer=keep_optimizer,
                           load_scheduler=False)
     else:
-        universal.load_universal(engine, os.path.join(directory, tag, "universal"), load_optimizer=keep_optimizer)
+        universal.load_universal(engine, universal_for(os.path.join(directory, tag)), load_optimizer=keep_optimizer)
     _sync_lr(engine)  # start this stage's schedule
 
 
@@ -74,6 +120,7 @@ def init_from_universal(model, cfg, directory: str, log: Callable[[str], None] =
     the encoder options must match the checkpoint's (the flag that differs is named)."""
     from ..models.config import current_names
 
+    fmt.check(directory)
     saved = current_names(universal.read_meta(directory).get("model_config", {}))
     mine = cfg.to_dict()
     for field, flag in INIT_FIELDS.items():

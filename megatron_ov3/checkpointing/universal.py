@@ -1,5 +1,10 @@
 """Layout-independent ("universal") checkpoints: load a run saved at one TP x PP x DP x ZeRO layout into another.
 
+A training save writes only DeepSpeed's own files plus ``universal_index.json`` (:func:`write_index`: which file
+holds which parameter's slice, under which global name); the universal copy below is produced from them on demand
+(:mod:`.from_deepspeed`) when a run resumes at another layout, an export or evaluation reads the checkpoint, or
+``tools/checkpoint.py to-universal`` asks. ``--save-universal`` makes one at every save instead.
+
 Why not DeepSpeed's checkpoint files or megatron dist_checkpointing alone: DeepSpeed's files are tied to the
 TP/PP/DP layout they were written with (ZeRO partitions a flat buffer per rank), and dist_checkpointing covers
 the model but not a DeepSpeed ZeRO optimizer. Like DeepSpeed's universal checkpoints, this format stores, for
@@ -24,6 +29,7 @@ from typing import Dict
 import torch
 import torch.distributed as dist
 from ..errors import MissingFile, UsageError
+from . import deepspeed_io
 from .deepspeed_io import (ADAM_STATES, adam_steps, ensure_adam_state, fp32_masters, full_values,
                            relink_optimizer_states, step_tensor, torch_optimizer, unwrap)
 
@@ -66,6 +72,40 @@ def _tp_slice(t: torch.Tensor, param) -> torch.Tensor:
     return t.chunk(tp, dim=param.partition_dim)[r].contiguous()
 
 
+INDEX = "universal_index.json"
+
+
+def _shard_record(engine) -> dict:
+    """What this rank's DeepSpeed files hold: its coordinates, its file names and (first data-parallel rank
+    only; the others hold the same parameters) every trainable parameter's local and global name, shape,
+    tensor-parallel dimension and optimizer-state index."""
+    from megatron.core import parallel_state as ps
+
+    rec = {"pp": ps.get_pipeline_model_parallel_rank(), "tp": ps.get_tensor_model_parallel_rank(),
+           "dp": ps.get_data_parallel_rank(), **deepspeed_io.file_names(engine)}
+    if rec["dp"] != 0:
+        return rec
+    model = unwrap(engine)
+    offsets, positions = _layer_offsets(model), deepspeed_io.optimizer_positions(engine)
+    tp = ps.get_tensor_model_parallel_world_size()
+    rec["params"] = [
+        {"name": name, "global": global_name(name, offsets), "shape": list(p.shape), "opt_index": positions.get(id(p)),
+         "partition_dim": p.partition_dim if tp > 1 and getattr(p, "tensor_model_parallel", False) else None}
+        for name, p in model.named_parameters() if p.requires_grad]
+    return rec
+
+
+def write_index(engine, directory: str, meta: dict) -> None:
+    """Collective: every rank's :func:`_shard_record` gathered to rank 0, written with ``meta`` (iteration,
+    schedule, model config, layout) as ``directory/universal_index.json``. Small (names and shapes), so a
+    save stays DeepSpeed's own save; the tensors are only read when a universal copy is made."""
+    records = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(_shard_record(engine), records, dst=0)
+    if dist.get_rank() == 0:
+        with open(os.path.join(directory, INDEX), "w") as f:
+            json.dump({"format": 1, "meta": meta, "shards": records}, f)
+
+
 def save_universal(engine, directory: str, meta: dict) -> None:
     """Collective over all ranks: write ``directory/universal``."""
     from megatron.core import parallel_state as ps
@@ -100,6 +140,11 @@ def save_universal(engine, directory: str, meta: dict) -> None:
                     data_parallel=ps.get_data_parallel_world_size())
         with open(os.path.join(out, "meta.json"), "w") as f:
             json.dump(full, f, indent=1)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        from . import format as fmt
+
+        fmt.write_manifest(out, {})
     dist.barrier()
 
 

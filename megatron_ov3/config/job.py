@@ -199,8 +199,10 @@ class CheckpointConfig:
     """With --finetune-from: also restore the optimizer state (Adam moments)."""
     init_universal: Optional[str] = field(default=None, metadata=cli())
     """Initialise the model weights from a universal checkpoint folder (e.g. an open_clip import)."""
-    save_universal: bool = field(default=True, metadata=cli())
-    """Add the layout-independent universal copy to checkpoints (needed to resume at another TP/PP/DP)."""
+    save_universal: bool = field(default=False, metadata=cli())
+    """Also write the layout-independent universal copy at every save (rank 0, after the save; costs 12
+    bytes/parameter). Off: it is made from DeepSpeed's files on demand, when a run resumes at another
+    TP/PP/DP/ZeRO or an export reads the checkpoint (``tools/checkpoint.py to-universal`` makes it ahead)."""
 
     def validate(self) -> None:
         if self.save_interval is not None and self.save_interval < 1:

@@ -19,7 +19,7 @@ from typing import Dict, List
 import torch
 
 from .pipeline import decode_image
-from .shards import ShardWriter, caption_of, encode_latent, expand_urls, image_bytes, iter_tar_samples
+from .shards import LATENT_MANIFEST, ShardWriter, caption_of, encode_latent, expand_urls, image_bytes, iter_tar_samples
 from ..errors import MissingFile, UsageError
 
 
@@ -58,7 +58,7 @@ def cache_latents(data_path: str, out_dir: str, vae, image_size: int, batch_size
                 stats["samples"] += len(pending)
                 pending.clear()
 
-            for smp in iter_tar_samples(url, lambda *a: stats.update(["bad_shard"])):
+            for smp in iter_tar_samples(url, lambda *a: stats.update({a[0]: a[3] if len(a) > 3 else 1})):
                 data, cap = image_bytes(smp), caption_of(smp)
                 if data is None:
                     stats["missing_image"] += 1
@@ -78,7 +78,7 @@ def cache_latents(data_path: str, out_dir: str, vae, image_size: int, batch_size
     return dict(stats)
 
 
-MANIFEST = "latent_cache.json"
+MANIFEST = LATENT_MANIFEST
 
 
 def _manifest(vae, image_size: int) -> dict:

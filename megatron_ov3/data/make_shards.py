@@ -88,7 +88,7 @@ def from_tars(spec: str):
             if not os.path.isfile(url):
                 raise MissingFile(f"shard {url!r} does not exist")
             errors: List[str] = []
-            for smp in iter_tar_samples(url, lambda *a: errors.append(a[1])):
+            for smp in iter_tar_samples(url, lambda *a: a[0] == "bad_shard" and errors.append(a[1])):
                 yield f"{os.path.basename(url)}-{smp['__key__']}", image_bytes(smp), caption_of(smp)
             if errors:
                 yield url, BAD_SHARD, None

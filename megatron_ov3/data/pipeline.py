@@ -15,8 +15,12 @@ Exact resume without re-decoding
     decodes from there; worker roles are rotated so the first batch comes from the worker that was next.
 
 Bad data
-    Unreadable shards, undecodable/truncated images, missing or empty captions, bad latents are skipped and
-    counted per reason; the counts travel with the batches and are reported by the training log.
+    Unreadable shards, undecodable/truncated images, images over ``--max-image-pixels``, missing or empty
+    captions, bad latents are skipped and counted per reason; a truncated shard also counts the samples it lost
+    (when its size is recorded), a duplicated tar member costs only itself. Whether a source holds images or
+    latents is decided per source, before reading (``latent_cache.json`` beside its shards: latents; else
+    images), so a stray sample of the other kind is one ``wrong_kind``. The counts travel with the batches and
+    are reported by the training log.
 """
 from __future__ import annotations
 
@@ -35,9 +39,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import MissingFile, UsageError
 from ..options import cli
-from .shards import caption_of, decode_latent, expand_urls, image_bytes, iter_tar_samples, sample_kind
+from .shards import (LATENT_MANIFEST, caption_of, decode_latent, expand_urls, image_bytes, iter_tar_samples,
+                     sample_kind)
 
-REASONS = ("bad_shard", "bad_image", "missing_image", "missing_caption", "empty_caption", "bad_latent", "wrong_kind")
+REASONS = ("bad_shard", "bad_image", "missing_image", "missing_caption", "empty_caption", "bad_latent", "wrong_kind",
+           "duplicate_member", "lost_sample", "too_large")
 
 
 @dataclass
@@ -72,6 +78,9 @@ class DataConfig:
     """Seed of shard permutations, source mixing, shuffling and random crops."""
     random_crop: bool = False
     """Random instead of center crop after the shorter-side resize."""
+    max_image_pixels: int = field(default=64_000_000, metadata=cli())
+    """Skip (count as ``too_large``) images with more pixels than this, read from the header before decoding
+    (a 121-megapixel decompression bomb would otherwise take ~0.5 GB per loader worker)."""
     text_length: int = 80
     """Token length of text-encoder inputs."""
     caption_length: int = 128
@@ -86,6 +95,8 @@ class DataConfig:
             raise UsageError("--num-workers must be >= 0")
         if self.shuffle_buffer < 0:
             raise UsageError("--shuffle-buffer must be >= 0")
+        if self.max_image_pixels < 1:
+            raise UsageError(f"--max-image-pixels must be >= 1, got {self.max_image_pixels}")
         if self.data_path is None:
             return
         sources = self.data_path.split("::")
@@ -126,6 +137,11 @@ class ShardStream(IterableDataset):
                 raise MissingFile(
                     f"none of the {len(shards)} shards of source {i + 1} exists (e.g. {missing[0]!r}); "
                     f"check --data-path (brace ranges like shard-{{00000..00009}}.tar)")
+        self.kinds = [source_kind(shards) for shards in self.sources]
+        if len(set(self.kinds)) > 1:
+            raise UsageError(f"--data-path mixes latent sources (with {LATENT_MANIFEST}) and image sources "
+                             f"({', '.join(f'source {i + 1}: {k}' for i, k in enumerate(self.kinds))}); train on one "
+                             f"kind (cache every source with tools/cache_latents.py, or none)")
         self.weights = cfg.data_weights or [1.0] * len(self.sources)
         self.num_logical = max(1, cfg.num_workers)
         slots = dp_size * self.num_logical
@@ -153,7 +169,7 @@ class ShardStream(IterableDataset):
                 url = shards[rng.randrange(len(shards))]
                 empty += 1
                 for smp in iter_tar_samples(url, on_error):
-                    smp["__epoch__"] = draw
+                    smp["__epoch__"], smp["__source__"] = draw, s
                     empty = 0
                     yield smp
                 if empty > 2 * len(shards) + 8:  # never spin forever on unreadable or empty shards
@@ -168,7 +184,7 @@ class ShardStream(IterableDataset):
             mine, n = order[slot::stride], 0
             for url in mine:
                 for smp in iter_tar_samples(url, on_error):
-                    smp["__epoch__"] = epoch
+                    smp["__epoch__"], smp["__source__"] = epoch, s
                     n += 1
                     yield smp
             if n == 0 and mine and cfg.epochs is None:  # endless mode would spin forever on nothing
@@ -207,14 +223,12 @@ class ShardStream(IterableDataset):
                 active.remove(s)
 
     # ---- decoding ----
-    def _decode(self, smp: dict, kind_holder: list, count):
+    def _decode(self, smp: dict, count):
         cfg = self.cfg
         kind = sample_kind(smp)
         if kind is None:
             return count("missing_image")
-        if kind_holder[0] is None:
-            kind_holder[0] = kind
-        elif kind != kind_holder[0]:
+        if kind != self.kinds[smp["__source__"]]:
             return count("wrong_kind")
         caption = caption_of(smp)
         if caption is None:
@@ -226,7 +240,9 @@ class ShardStream(IterableDataset):
         if kind == "image":
             img = decode_image(image_bytes(smp), cfg.image_size,
                                _rng(cfg.seed, "crop", smp["__url__"], smp["__key__"], smp["__epoch__"])
-                               if cfg.random_crop else None)
+                               if cfg.random_crop else None, max_pixels=cfg.max_image_pixels)
+            if img is TOO_LARGE:
+                return count("too_large")
             if img is None:
                 return count("bad_image")
             out["images"] = img
@@ -263,9 +279,9 @@ class ShardStream(IterableDataset):
 
         replaying = [True]
 
-        def count(reason, *_):
+        def count(reason, _path=None, _exc=None, times=1):
             if not replaying[0]:  # counts of the replayed part are already in the restored state
-                bad[REASONS.index(reason)] += 1
+                bad[REASONS.index(reason)] += times
             return None
 
         raw = self._raw_stream(w, count)
@@ -274,11 +290,10 @@ class ShardStream(IterableDataset):
         for _ in itertools.islice(raw, pos):
             pass
         replaying[0] = False
-        kind_holder = [None]
         batch: List[dict] = []
         for smp in raw:
             pos += 1
-            dec = self._decode(smp, kind_holder, count)
+            dec = self._decode(smp, count)
             if dec is None:
                 continue
             batch.append(dec)
@@ -329,13 +344,26 @@ def to_rgb(im):
     return im.convert("RGB")
 
 
-def decode_image(data: bytes, size: int, rng: Optional[random.Random] = None) -> Optional[torch.Tensor]:
+TOO_LARGE = object()  # decode_image's answer for an image over ``max_pixels``
+
+
+def source_kind(shards: List[str]) -> str:
+    """'latent' when the source's shard folder holds a latent-cache manifest, else 'image'."""
+    folder = os.path.dirname(os.path.abspath(shards[0])) if shards else ""
+    return "latent" if os.path.isfile(os.path.join(folder, LATENT_MANIFEST)) else "image"
+
+
+def decode_image(data: bytes, size: int, rng: Optional[random.Random] = None,
+                 max_pixels: Optional[int] = None):
     """Bytes -> (3, size, size) float in [-1, 1]: RGB, shorter side resized (bicubic), center/random crop.
-    None when the image cannot be decoded (corrupt or truncated)."""
+    None when the image cannot be decoded (corrupt or truncated); :data:`TOO_LARGE` when its header says it has
+    more than ``max_pixels`` pixels (nothing decoded)."""
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as im:
+            if max_pixels is not None and im.size[0] * im.size[1] > max_pixels:
+                return TOO_LARGE
             im.load()
             im = to_rgb(im)
             w, h = im.size
@@ -369,7 +397,8 @@ class DataIterator:
             )
         self.consumed_batches = int(state.get("consumed_batches", 0))
         self.raw_pos = list(state.get("raw_pos", [0] * n))
-        self.bad = [list(b) for b in state.get("bad", [[0] * len(REASONS)] * n)]
+        pad = [0] * len(REASONS)  # checkpoints from before a reason existed have shorter vectors
+        self.bad = [(list(b) + pad)[:len(REASONS)] for b in state.get("bad", [pad] * n)]
         self._it = None
 
     def _make(self):

@@ -20,6 +20,7 @@ from ..errors import UsageError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 LATENT_EXT = "latent.npy"
+LATENT_MANIFEST = "latent_cache.json"  # written by tools/cache_latents.py beside latent shards: a latent source
 
 
 def expand_urls(spec: str) -> List[List[str]]:
@@ -39,16 +40,53 @@ def expand_urls(spec: str) -> List[List[str]]:
     return sources
 
 
+def expected_count(path: str, _cache: Dict[str, Dict[str, int]] = {}) -> Optional[int]:
+    """How many samples shard ``path`` holds, when its writer said so: ``sizes.json`` in its folder (our tools,
+    webdataset's ``tarp``/``ShardWriter`` convention) or img2dataset's ``NAME_stats.json`` (``successes``)."""
+    folder, name = os.path.split(path)
+    if folder not in _cache:
+        try:
+            with open(os.path.join(folder, "sizes.json")) as f:
+                _cache[folder] = {k: int(v) for k, v in json.load(f).items()}
+        except (OSError, ValueError, TypeError, AttributeError):
+            _cache[folder] = {}
+    if name in _cache[folder]:
+        return _cache[folder][name]
+    try:
+        with open(os.path.join(folder, name.rsplit(".", 1)[0] + "_stats.json")) as f:
+            return int(json.load(f)["successes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def iter_tar_samples(path: str, on_error) -> Iterator[Dict[str, bytes]]:
-    """Raw samples ``{"__key__", "__url__", ext: bytes}`` of one tar; a missing/unreadable/truncated shard
-    calls ``on_error("bad_shard", path, exc)`` and ends (samples before the damage are kept)."""
+    """Raw samples ``{"__key__", "__url__", ext: bytes}`` of one tar. Damage costs only what is damaged:
+
+    * a member repeated within a sample: ``on_error("duplicate_member", path, exc)``; the sample keeps its first
+      copy and the shard goes on (webdataset's grouping would raise and drop the rest of the shard);
+    * a missing/unreadable/truncated shard: ``on_error("bad_shard", path, exc)`` once and the shard ends (samples
+      before the damage are kept); when the shard's size is recorded (:func:`expected_count`), the samples it
+      lost are counted too: ``on_error("lost_sample", path, exc, n)``."""
+    n, expected = 0, expected_count(path)
+
+    def duplicates(exc):
+        if isinstance(exc, ValueError) and "duplicate file name" in str(exc.args[0] if exc.args else ""):
+            on_error("duplicate_member", path, exc)
+            return True
+        raise exc
+
     try:
         with open(path, "rb") as stream:
             members = tar_file_iterator(stream)
-            for sample in group_by_keys(({**m, "__url__": path} for m in members)):
+            for sample in group_by_keys(({**m, "__url__": path} for m in members), handler=duplicates):
+                n += 1
                 yield sample
+        if expected is not None and n < expected:  # cut at a member boundary: tarfile sees a normal end
+            raise EOFError(f"{path} ends after {n} of its {expected} samples")
     except (OSError, tarfile.TarError, EOFError, ValueError) as e:
         on_error("bad_shard", path, e)
+        if expected is not None and expected > n:
+            on_error("lost_sample", path, e, expected - n)
 
 
 def sample_kind(sample: Dict) -> Optional[str]:

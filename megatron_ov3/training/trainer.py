@@ -264,21 +264,21 @@ class Trainer:
         return {**self.state.state_dict(), "data_states": states}
 
     def save(self) -> None:
+        """DeepSpeed's own save plus the small universal index (resharding later costs this save nothing);
+        ``--save-universal`` also writes the universal copy now (rank 0, from the files just published)."""
         ck, zero = self.job.checkpoint, self.job.parallel.zero_stage
         client = self.state_dict()
         t = time.time()
-        extra = None
-        if zero == 3 and ck.save_universal:
-            log0("note: ZeRO-3 checkpoints get no universal copy (resume needs the same layout)")
-        elif ck.save_universal:
-            meta = dict(client, optimizer_step=self.state.iteration, scheduler=self.engine.lr_scheduler.state_dict(),
-                        model_config=self.model.cfg.to_dict(), vae=self.job.vae.checkpoint_meta(),
-                        **restore.current_layout(zero))
-            extra = lambda d: universal.save_universal(self.engine, d, meta)  # noqa: E731
+        meta = dict(client, scheduler=self.engine.lr_scheduler.state_dict(), model_config=self.model.cfg.to_dict(),
+                    vae=self.job.vae.checkpoint_meta(), **restore.current_layout(zero))
         files = {"ov3_config.json": self.model.cfg.to_dict(), "job_config.json": self.job.to_dict()}
-        tag = deepspeed_io.save(self.engine, ck.save, self.state.iteration, client, files, ck.keep_last, extra=extra,
-                                rng=self.rng.state_dict())
+        tag = deepspeed_io.save(self.engine, ck.save, self.state.iteration, client, files, ck.keep_last,
+                                extra=lambda d: universal.write_index(self.engine, d, meta), rng=self.rng.state_dict())
         log0(f"saved checkpoint {os.path.join(ck.save, tag)} in {time.time() - t:.1f}s")
+        if ck.save_universal and zero != 3:
+            t = time.time()
+            restore.universal_for(os.path.join(ck.save, tag), log0)
+            log0(f"universal copy written in {time.time() - t:.1f}s (--save-universal)")
 
     def evaluate(self) -> None:
         from .evaluation import evaluate_in_training

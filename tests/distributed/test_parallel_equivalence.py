@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from dist_utils import subprocess_env
+from dist_utils import free_port, subprocess_env
 
 pytestmark = pytest.mark.distributed
 
@@ -109,9 +109,17 @@ def test_pipeline_refuses_zero2(init, tmp_path):
     assert r.returncode == 2 and "--zero-stage 0 cannot be combined" in r.stderr, r.stderr
 
 
+RESHARD = {  # layout -> (processes, flags); global batch 8 in every one
+    "TP1xPP1": (1, []),
+    "TP2xPP1": (2, ["--tensor-model-parallel-size", 2]),
+    "TP2xPP2": (4, ["--tensor-model-parallel-size", 2, "--pipeline-model-parallel-size", 2]),
+    "DP2-ZeRO2": (2, ["--zero-stage", 2, "--micro-batch-size", 4]),
+    "DP2-ZeRO0": (2, ["--zero-stage", 0, "--micro-batch-size", 4]),
+}
+
+
 def _flags(layout):
-    tp, pp = int(layout[2]), int(layout[-1])
-    return tp * pp, ["--tensor-model-parallel-size", tp, "--pipeline-model-parallel-size", pp]
+    return RESHARD[layout]
 
 
 _CACHE = {}
@@ -122,24 +130,27 @@ def _straight_and_saved(layout, init, tmp_path_factory):
     if layout not in _CACHE:
         d = tmp_path_factory.mktemp(f"save_{layout}")
         n, f = _flags(layout)
-        port = 29730 + 2 * len(_CACHE)
+        port = free_port()
         straight, _ = _run(n, port, d / "a.jsonl", "--train-iters", 4, "--init-universal", init, *f)
-        _run(n, port + 1, d / "b.jsonl", "--train-iters", 4, "--exit-interval", 2, "--save", d / "ck",
+        _run(n, free_port(), d / "b.jsonl", "--train-iters", 4, "--exit-interval", 2, "--save", d / "ck",
              "--init-universal", init, *f)
         _CACHE[layout] = (straight, d)
     return _CACHE[layout]
 
 
 @pytest.mark.parametrize("save_layout,resume_layout", [
-    ("TP2xPP2", "TP1xPP1"), ("TP2xPP2", "TP2xPP1"), ("TP1xPP1", "TP2xPP2"),
+    ("TP2xPP2", "TP1xPP1"), ("TP2xPP2", "TP2xPP1"), ("TP1xPP1", "TP2xPP2"), ("DP2-ZeRO2", "TP2xPP1"),
+    ("DP2-ZeRO0", "TP1xPP1"),
 ])
 def test_resharded_resume_continues_like_uninterrupted(save_layout, resume_layout, init, tmp_path,
                                                        tmp_path_factory):
-    """Save at one layout after 2 steps, resume at another for 2 more: same losses as 4 uninterrupted steps."""
+    """Save at one layout after 2 steps, resume at another for 2 more: same losses as 4 uninterrupted steps. The
+    save writes DeepSpeed's files only; the resume makes the universal copy from them (from_deepspeed)."""
     straight, d = _straight_and_saved(save_layout, init, tmp_path_factory)
     n2, f2 = _flags(resume_layout)
-    port = 29740 + ["TP1xPP1", "TP2xPP1", "TP2xPP2"].index(resume_layout)
-    resumed, out = _run(n2, port, tmp_path / "b.jsonl", "--train-iters", 4, "--load", d / "ck", *f2)
+    made = (d / "ck" / "iter_0000002" / "universal").exists()  # by an earlier resume of the same checkpoint
+    resumed, out = _run(n2, free_port(), tmp_path / "b.jsonl", "--train-iters", 4, "--load", d / "ck", *f2)
     assert ("resharded from" in out) == (save_layout != resume_layout), out[-2000:]
+    assert ("wrote the universal copy" in out) == (save_layout != resume_layout and not made), out[-2000:]
     assert "at iteration 2" in out
     _assert_same(straight[2:], resumed)

@@ -55,10 +55,10 @@ def test_training_refuses_a_planted_pickle(planted, flag):
 def test_export_and_evaluation_read_no_pickle(planted, tmp_path):
     ck, marker = planted
     err = _one_error(_run("tools/convert_to_hf.py", "--load", ck, "--target", "hf", "--output", tmp_path / "x"))
-    assert "no universal copy" in err
+    assert "neither a universal copy nor universal_index.json" in err
     err = _one_error(_run("tools/evaluate.py", "--load", ck, "--data-path", "d/{0..1}.tar", "--tokenizer", "t.model",
                           "--output", tmp_path / "e"))
-    assert "no universal copy" in err
+    assert "neither a universal copy nor universal_index.json" in err
     assert not marker.exists()
 
 

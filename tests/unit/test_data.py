@@ -190,3 +190,80 @@ def test_tokenizer_ids(data):
     ids = t.encode("a red circle", 40)
     assert ids[ids != 0][-1] == 3 and ids[-1] == 0
     assert t.decode(ids) == "a red circle"
+
+
+def _raw_tar(path, samples):
+    """A tar written member by member (so it can hold what ShardWriter never writes: repeated members)."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in samples:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _members(src, n):
+    """(name, bytes) of the first ``n`` samples of synthetic shard ``src``."""
+    out = []
+    for smp in list(iter_tar_samples(str(src), print))[:n]:
+        out += [(f"{smp['__key__']}.{ext}", smp[ext]) for ext in ("jpg", "txt")]
+    return out
+
+
+def _read_all(spec, tok, **kw):
+    it = DataIterator(_cfg(spec, tok, epochs=1, num_workers=1, micro_batch_size=1, shuffle_buffer=0, **kw), 0, 1)
+    return sum(1 for _ in it), it.bad_counts()
+
+
+def test_damage_costs_only_what_is_damaged(tmp_path, data):
+    """A duplicated member loses nothing else of its shard; a truncated shard counts the samples it lost (from
+    sizes.json); a stray latent sample in an image shard is one wrong_kind, not the rest of the worker's images."""
+    import numpy as np
+
+    from megatron_ov3.data.shards import ShardWriter, encode_latent
+
+    _, tok = data
+    write_synthetic_shards(str(tmp_path / "src"), 40, samples_per_shard=40, image_size=32, seed=3)
+    members = _members(tmp_path / "src" / "synthetic-00000.tar", 40)
+    dup = tmp_path / "dup"
+    dup.mkdir()
+    _raw_tar(dup / "a.tar", members[:20] + [members[19]] + members[20:])  # sample 10's caption twice
+    n, bad = _read_all(str(dup / "a.tar"), tok)
+    assert n == 40 and bad["duplicate_member"] == 1 and bad["bad_shard"] == 0, bad
+
+    cut = tmp_path / "cut"
+    with ShardWriter(str(cut), samples_per_shard=40, prefix="s") as w:  # records sizes.json
+        for i in range(0, 80, 2):
+            w.write(f"k{i // 2:03d}", {"jpg": members[i][1], "txt": members[i + 1][1]})
+    tar = cut / "s-00000.tar"
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
+    n, bad = _read_all(str(tar), tok)
+    assert bad["bad_shard"] == 1 and 10 < n < 30 and n + bad["lost_sample"] == 40, (n, bad)
+
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    latent = encode_latent(np.zeros((16, 4, 4), np.float32))
+    _raw_tar(stray / "a.tar", [("z000.latent.npy", latent), ("z000.txt", b"a latent")] + members)
+    n, bad = _read_all(str(stray / "a.tar"), tok)
+    assert n == 40 and bad["wrong_kind"] == 1, bad
+
+
+def test_a_decompression_bomb_is_skipped_from_its_header(tmp_path, data):
+    """A 121-megapixel PNG (a few KB on disk) is counted as too_large without being decoded; the cap is a flag."""
+    import io
+
+    from PIL import Image
+
+    _, tok = data
+    write_synthetic_shards(str(tmp_path / "src"), 8, samples_per_shard=8, image_size=32, seed=4)
+    members = _members(tmp_path / "src" / "synthetic-00000.tar", 8)
+    buf = io.BytesIO()
+    Image.new("1", (11000, 11000)).save(buf, "PNG")
+    assert len(buf.getvalue()) < 100_000
+    _raw_tar(tmp_path / "bomb.tar", members[:8] + [("bomb.png", buf.getvalue()), ("bomb.txt", b"huge")] + members[8:])
+    n, bad = _read_all(str(tmp_path / "bomb.tar"), tok)
+    assert n == 8 and bad["too_large"] == 1 and bad["bad_image"] == 0, bad
+    n, bad = _read_all(str(tmp_path / "bomb.tar"), tok, max_image_pixels=32 * 32 - 1)  # every image over the cap
+    assert n == 0 and bad["too_large"] == 9, bad

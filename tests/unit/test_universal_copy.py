@@ -1,13 +1,15 @@
-"""Universal checkpoints with ZeRO-0 under --bf16, where DeepSpeed's unfused optimizer keeps fp32 master copies
-apart from the bf16 parameters: the save reads the masters and their Adam moments, and a load reaches the masters
-(otherwise the first step would write the old masters back over the loaded weights)."""
+"""Universal checkpoints: the copy made from DeepSpeed's files after the fact (from_deepspeed.to_universal) is
+bit-identical to the one gathered from the live engine, for ZeRO-0/1/2 in fp32 and bf16; and with ZeRO-0 under
+--bf16, where DeepSpeed's unfused optimizer keeps fp32 master copies apart from the bf16 parameters, the save
+reads the masters and their Adam moments and a load reaches the masters (otherwise the first step would write
+the old masters back over the loaded weights)."""
 import os
 
 import pytest
 import torch
 
 
-def _engine(bf16: bool, seed: int):
+def _engine(bf16: bool, seed: int, zero: int = 0):
     import deepspeed
     import torch.distributed as dist
 
@@ -18,7 +20,7 @@ def _engine(bf16: bool, seed: int):
         m = m.to(torch.bfloat16)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.0)
     cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "train_batch_size": 4,
-           "gradient_clipping": 1.0, "zero_optimization": {"stage": 0}, "bf16": {"enabled": bf16},
+           "gradient_clipping": 1.0, "zero_optimization": {"stage": zero}, "bf16": {"enabled": bf16},
            "zero_allow_untested_optimizer": True, "steps_per_print": 1 << 30}
     engine, *_ = deepspeed.initialize(model=m, optimizer=opt, config=cfg)
     return engine
@@ -61,3 +63,25 @@ def test_zero0_universal_round_trip_reaches_fp32_masters(mp1, tmp_path, bf16):
     _step(dst, dtype)
     for a, b in zip(src.module.parameters(), dst.module.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("zero,bf16", [(0, False), (0, True), (1, False), (1, True), (2, True)])
+def test_copy_from_deepspeed_files_equals_live_gather(mp1, tmp_path, zero, bf16):
+    from safetensors.torch import load_file
+
+    from megatron_ov3.checkpointing import from_deepspeed, universal
+
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    engine = _engine(bf16, seed=0, zero=zero)
+    for _ in range(3):
+        _step(engine, dtype)
+    live = tmp_path / "live"
+    universal.save_universal(engine, str(live), {"iteration": 3})
+    engine.save_checkpoint(str(tmp_path / "ck"), tag="iter_0000003", save_latest=False)
+    universal.write_index(engine, str(tmp_path / "ck" / "iter_0000003"), {"iteration": 3, "zero_stage": zero})
+    out = from_deepspeed.to_universal(str(tmp_path / "ck" / "iter_0000003"), log=lambda *_: None)
+    a, b = load_file(str(live / "universal" / "stage0.safetensors")), load_file(os.path.join(out, "stage0.safetensors"))
+    assert sorted(a) == sorted(b) and len(a) == 3 * 4  # 4 parameters, each with value + 2 moments
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert universal.read_meta(out)["optimizer_step"] == universal.read_meta(str(live / "universal"))["optimizer_step"]
