@@ -12,7 +12,8 @@ from megatron_ov3.cli import Parser, UsageError, exit_with
 def main(argv=None):
     p = Parser(description=__doc__)
     p.add_argument("--data-path", required=True, help="image shards (brace notation, '::' joins)")
-    p.add_argument("--output-dir", required=True)
+    p.add_argument("--output-dir", required=True, help="new or empty folder, or an earlier cache_latents output "
+                   "(resumed: its finished shards are kept, the rest written)")
     p.add_argument("--image-size", type=int, required=True, help="resolution of the training stage")
     vae = p.add_mutually_exclusive_group(required=True)
     vae.add_argument("--vae-path", help="local diffusers AutoencoderKL folder (e.g. FLUX.1-dev/vae)")
@@ -36,6 +37,9 @@ def main(argv=None):
     import torch
 
     from megatron_ov3.data.latent_cache import cache_latents
+    from megatron_ov3.outputs import claim
+
+    claim(args.output_dir, "cache_latents", "--output-dir")
     from megatron_ov3.models import FrozenVAE
 
     device = args.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")

@@ -23,7 +23,8 @@ def main(argv=None):
     p.add_argument("--templates", default=None, help="file of prompt templates with '{}' (default: 3 CLIP-style)")
     p.add_argument("--lpips-path", default=None, help="local LPIPS-VGG weights")
     p.add_argument("--inception-weights", default=None, help="local InceptionV3 weights for rFID (torch-fidelity)")
-    p.add_argument("--output", required=True, help="folder for report.json and grid.png")
+    p.add_argument("--output", required=True, help="folder for report.json and grid.png: new or empty, or an earlier "
+                   "evaluate output (its report.json and grid.png are replaced)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the DeepSpeed launcher")
     args = p.parse_args(argv)
@@ -37,8 +38,11 @@ def main(argv=None):
     from megatron_ov3.checkpointing import load_model
     from megatron_ov3.models.lpips import LPIPS
 
-    classnames = read_lines(args.classnames) if args.classnames else None
-    templates = read_lines(args.templates) if args.templates else DEFAULT_TEMPLATES
+    from megatron_ov3.outputs import claim
+
+    claim(args.output, "evaluate", "--output")
+    classnames = read_lines(args.classnames, "--classnames") if args.classnames else None
+    templates = read_lines(args.templates, "--templates") if args.templates else DEFAULT_TEMPLATES
     if any("{}" not in t for t in templates):
         raise UsageError("every template needs a '{}' for the class name")
     parallel.initialize_model_parallel(1, 1, seed=args.seed)  # every rank holds the whole model

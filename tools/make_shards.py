@@ -17,7 +17,8 @@ def main(argv=None):
     src.add_argument("--input-shards", help="existing shards to re-shard (brace notation, '::' joins)")
     p.add_argument("--path-column", default="path")
     p.add_argument("--caption-column", default="caption")
-    p.add_argument("--output-dir", required=True)
+    p.add_argument("--output-dir", required=True, help="new or empty folder (one make_shards claimed that holds no "
+                   "shards yet is reused)")
     p.add_argument("--samples-per-shard", type=int, default=1000)
     p.add_argument("--prefix", default="shard", help="shard file prefix: PREFIX-00000.tar")
     p.add_argument("--no-progress", action="store_true")
@@ -26,7 +27,10 @@ def main(argv=None):
 
     if args.samples_per_shard < 1:
         raise UsageError(f"--samples-per-shard must be >= 1, got {args.samples_per_shard}")
-    if os.path.isdir(args.output_dir) and any(f.endswith(".tar") for f in os.listdir(args.output_dir)):
+    from megatron_ov3.outputs import claim
+
+    claim(args.output_dir, "make_shards", "--output-dir")
+    if any(f.endswith(".tar") for f in os.listdir(args.output_dir)):
         raise UsageError(f"--output-dir {args.output_dir!r} already holds shards; choose an empty folder")
     if args.input_dir:
         samples = ms.from_folder(args.input_dir)

@@ -40,6 +40,22 @@ def is_tag(name: str) -> bool:
     return bool(_TAG.match(name))
 
 
+_OWN = re.compile(r"^(latest(\.tmp)?|iter_\d{7,}(\.partial|\.old)?|zero_to_fp32\.py|zero_to_torch\.py|\.nfs.*)$")
+
+
+def check_save_folder(directory: str, run_outputs=()) -> None:
+    """``--save`` must be new, empty, or a checkpoint folder (``latest``, ``iter_*`` and DeepSpeed's helper
+    scripts), plus this run's own outputs inside it (``run_outputs``: e.g. its tensorboard folder); anything else
+    is refused, so checkpoints never mix with (or prune) other files."""
+    if not os.path.isdir(directory):
+        return
+    mine = {os.path.relpath(os.path.abspath(p), os.path.abspath(directory)).split(os.sep)[0] for p in run_outputs if p}
+    foreign = sorted(n for n in os.listdir(directory) if not _OWN.match(n) and n not in mine)
+    if foreign:
+        raise UsageError(f"--save {directory!r} holds files that are not megatron_ov3 checkpoints (e.g. "
+                         f"{foreign[0]!r}); give a new or empty folder, or this run's earlier --save folder")
+
+
 def read_latest(directory: str) -> Optional[str]:
     """The complete checkpoint tag ``latest`` points to (None when there is none)."""
     path = os.path.join(directory, LATEST)

@@ -77,6 +77,32 @@ def verify_shared(iter_dir: str) -> None:
         raise fmt.damaged(iter_dir, problems)
 
 
+# what decides which parameters exist and their shapes (besides INIT_FIELDS below)
+SHAPE_FIELDS = ("encoder", "decoder", "text", "caption", "vocab_size", "latent_channels", "patch_size")
+
+
+def check_same_model(iter_dir: str, cfg, flag: str) -> None:
+    """A checkpoint of another model than this run's (size, towers, vocabulary, encoder options) is one usage
+    error naming both, before DeepSpeed meets mismatched tensors."""
+    from ..models.config import current_names
+
+    path = os.path.join(iter_dir, "ov3_config.json")
+    if not os.path.isfile(path):
+        return
+    saved, mine = current_names(json.load(open(path))), cfg.to_dict()
+    for field in SHAPE_FIELDS + tuple(INIT_FIELDS):
+        if field in saved and field in mine and saved[field] != mine[field]:
+            how = INIT_FIELDS.get(field) or ("--model-size" if field in SHAPE_FIELDS[:4] else f"the {field}")
+            raise UsageError(f"{flag} {iter_dir} holds an OV3-{saved.get('size', '?')} model and this run builds "
+                             f"OV3-{mine.get('size', '?')}: {field} is {_short(saved[field])} there, "
+                             f"{_short(mine[field])} here; set {how} to match the checkpoint")
+
+
+def _short(v) -> str:
+    text = repr(v)
+    return text if len(text) <= 90 else text[:87] + "..."
+
+
 def _sync_lr(engine) -> None:
     """The optimizer's learning rates from the scheduler's position (loaded states carry older ones)."""
     for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
@@ -88,6 +114,7 @@ def resume(engine, directory: str, zero_stage: int) -> tuple:
     Returns (client state, this rank's RNG states or None, how it was loaded)."""
     tag = _latest(directory, "--load")
     verify_shared(os.path.join(directory, tag))
+    check_same_model(os.path.join(directory, tag), deepspeed_io.unwrap(engine).cfg, "--load")
     if same_layout(directory, tag, zero_stage):
         tag, client, rng = deepspeed_io.load(engine, directory)
         return client, rng, "same layout"
@@ -102,6 +129,7 @@ def restore_weights(engine, directory: str, zero_stage: int, keep_optimizer: boo
     """A new stage (``--finetune-from``): the weights (and, asked, Adam's moments), never the schedule."""
     tag = _latest(directory, "--finetune-from")
     verify_shared(os.path.join(directory, tag))
+    check_same_model(os.path.join(directory, tag), deepspeed_io.unwrap(engine).cfg, "--finetune-from")
     if same_layout(directory, tag, zero_stage):
         deepspeed_io.load(engine, directory, module_only=not keep_optimizer, load_optimizer=keep_optimizer,
                           load_scheduler=False)

@@ -150,9 +150,14 @@ def save_universal(engine, directory: str, meta: dict) -> None:
 
 def read_meta(directory: str) -> dict:
     """``meta.json`` of a universal checkpoint directory (layout, iteration, model config)."""
-    if not os.path.isfile(os.path.join(directory, "meta.json")):
+    path = os.path.join(directory, "meta.json")
+    if not os.path.isfile(path):
         raise MissingFile(f"{directory!r} is not a universal checkpoint (no meta.json)")
-    return json.load(open(os.path.join(directory, "meta.json")))
+    try:
+        return json.load(open(path))
+    except ValueError as e:
+        raise UsageError(f"{path} is damaged ({e}); make the universal copy again (tools/checkpoint.py "
+                         f"to-universal) or use an earlier checkpoint") from None
 
 
 def read_universal(directory: str) -> tuple:
@@ -165,7 +170,11 @@ def read_universal(directory: str) -> tuple:
         path = os.path.join(directory, f"stage{s}.safetensors")
         if not os.path.isfile(path):
             raise MissingFile(f"universal checkpoint shard {path!r} is missing")
-        h = safe_open(path, framework="pt")
+        try:
+            h = safe_open(path, framework="pt")
+        except Exception as e:  # safetensors raises its own SafetensorError (header or size damage)
+            raise UsageError(f"universal checkpoint file {path} is damaged ({str(e).splitlines()[0][:120]}); make it "
+                             f"again (tools/checkpoint.py to-universal) or use an earlier checkpoint") from None
         for k in h.keys():
             handles[k] = h
     return meta, handles

@@ -297,6 +297,10 @@ class JobConfig:
         for section in (self.train, self.optim, self.checkpoint, self.logging, self.vae):
             section.validate()
         self.eval.validate(self.data)
+        if self.checkpoint.save:
+            from ..checkpointing.format import check_save_folder
+
+            check_save_folder(self.checkpoint.save, (self.logging.tensorboard_dir, self.logging.metrics_file))
         if not self.data.mock_data and not (self.data.data_path and self.data.tokenizer):
             raise UsageError("give --data-path and --tokenizer (or --mock-data)")
         self.parallel.validate(world, self.model, self.layers)

@@ -104,10 +104,11 @@ def save_grid(grid: torch.Tensor, path: str) -> None:
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
 
 
-def read_lines(path: str) -> List[str]:
+def read_lines(path: str, flag: str = "file") -> List[str]:
+    """Non-empty stripped lines of a text file given by ``flag`` (named in the error when it is missing)."""
     if not os.path.isfile(path):
-        raise MissingFile(f"{path!r} not found")
+        raise MissingFile(f"{flag} {path!r} not found; give a text file with one entry per line")
     lines = [l.strip() for l in open(path, encoding="utf-8") if l.strip()]
     if not lines:
-        raise UsageError(f"{path!r} is empty")
+        raise UsageError(f"{flag} {path!r} is empty")
     return lines

@@ -105,6 +105,26 @@ class VAEConfig:
                 "shift_factor": self.vae_shift_factor}
 
 
+def _check_vae_folder(root: str) -> None:
+    """One clear line for a folder that is not a diffusers AutoencoderKL (before diffusers raises its own)."""
+    import json
+
+    hint = "pass the 'vae' folder of a FLUX.1 download (config.json + diffusion_pytorch_model.safetensors)"
+    if not os.path.isfile(os.path.join(root, "config.json")):
+        raise MissingFile(f"--vae-path {root!r} has no config.json; {hint}")
+    try:
+        config = json.load(open(os.path.join(root, "config.json")))
+    except ValueError as e:
+        raise UsageError(f"--vae-path {root!r}: config.json is not valid JSON ({e}); {hint}") from None
+    name = config.get("_class_name") if isinstance(config, dict) else None
+    if name != "AutoencoderKL":
+        raise UsageError(f"--vae-path {root!r} holds a {name or 'config without _class_name'}, not an "
+                         f"AutoencoderKL; {hint}")
+    if not os.path.isfile(os.path.join(root, "diffusion_pytorch_model.safetensors")):
+        raise MissingFile(f"--vae-path {root!r} has no diffusion_pytorch_model.safetensors (only safetensors weights "
+                          f"are loaded); {hint}")
+
+
 class FrozenVAE(nn.Module):
     """Frozen diffusers ``AutoencoderKL`` with OV3's latent normalisation."""
 
@@ -158,9 +178,13 @@ class FrozenVAE(nn.Module):
         root = os.path.join(path, subfolder) if subfolder else path
         if not os.path.isdir(root):
             raise MissingFile(f"VAE directory {root!r} does not exist; pass a local diffusers VAE folder")
-        if not os.path.isfile(os.path.join(root, "config.json")):
-            raise MissingFile(f"VAE directory {root!r} has no config.json; is it a diffusers AutoencoderKL?")
-        ae = AutoencoderKL.from_pretrained(root, local_files_only=True, use_safetensors=True)
+        _check_vae_folder(root)
+        try:
+            ae = AutoencoderKL.from_pretrained(root, local_files_only=True, use_safetensors=True)
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+            raise UsageError(f"--vae-path {root!r} could not be loaded as a diffusers AutoencoderKL "
+                             f"({type(e).__name__}: {str(e).strip().splitlines()[0][:160]}); pass the 'vae' folder of "
+                             f"a FLUX.1 download (config.json + diffusion_pytorch_model.safetensors)") from None
         return cls(ae, **kw)
 
     def save_pretrained(self, path: str) -> None:

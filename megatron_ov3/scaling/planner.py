@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -32,7 +33,7 @@ from ..models.config import OV3Config
 from ..models.accounting import count_parameters, layer_params, model_flops_per_sample
 from ..models.sizes import get_config
 from ..models.stages import stage_layout
-from ..errors import UsageError
+from ..errors import MissingFile, UsageError
 
 
 @dataclass
@@ -72,12 +73,25 @@ class Hardware:
     def from_yaml(cls, path: str) -> "Hardware":
         import yaml
 
-        with open(path) as f:
-            d = yaml.safe_load(f) or {}
-        known = {f.name for f in dataclasses.fields(cls)}
-        bad = sorted(set(d) - known)
+        if not os.path.isfile(path):
+            raise MissingFile(f"--hardware {path!r} does not exist; give a YAML file of {{key: number}}")
+        try:
+            with open(path) as f:
+                d = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            at = f" at line {where.line + 1}" if where is not None else ""
+            raise UsageError(f"--hardware {path!r} is not valid YAML{at}; write one 'key: number' per line") from None
+        if not isinstance(d, dict):
+            raise UsageError(f"--hardware {path!r} holds a {type(d).__name__}, not a mapping of 'key: number'")
+        known = {f.name: f.default for f in dataclasses.fields(cls)}
+        bad = sorted(set(d) - set(known))
         if bad:
             raise UsageError(f"hardware profile {path!r} has unknown keys {bad}; known: {sorted(known)}")
+        wrong = sorted(k for k, v in d.items() if isinstance(known[k], (int, float))
+                       and (isinstance(v, bool) or not isinstance(v, (int, float))))
+        if wrong:
+            raise UsageError(f"--hardware {path!r}: {wrong[0]} must be a number, got {d[wrong[0]]!r}")
         return cls(**d)
 
 

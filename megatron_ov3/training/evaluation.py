@@ -21,7 +21,7 @@ def evaluate_in_training(trainer, log) -> None:
     data_cfg = dataclasses.replace(job.data, data_path=job.eval.eval_data_path, epochs=1, drop_last=False,
                                    num_workers=0, shuffle_buffer=0, data_weights=None, resample=False)
     data = DataIterator(data_cfg, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
-    classnames = read_lines(job.eval.eval_classnames) if job.eval.eval_classnames else None
+    classnames = read_lines(job.eval.eval_classnames, "--eval-classnames") if job.eval.eval_classnames else None
     res = evaluate(trainer.engine.module, data, trainer.device, Tokenizer(job.data.tokenizer), classnames,
                    max_batches=job.eval.eval_batches, group=ps.get_data_parallel_group())
     rep = res["report"]

@@ -103,7 +103,8 @@ def test_synthetic_tokenizer_cache_bench(tmp_path):
     rc, out, err = tool("cache_latents.py", "--data-path", spec, "--output-dir", tmp_path / "lat",
                         "--image-size", 32, "--tiny-vae", "--rank", 1, "--world-size", 2)
     assert rc == 0, err
-    assert sorted(os.listdir(tmp_path / "lat")) == ["latent_cache.json", "synthetic-00001.tar", "synthetic-00003.tar"]
+    assert sorted(os.listdir(tmp_path / "lat")) == [".megatron_ov3.json", "latent_cache.json", "synthetic-00001.tar",
+                                                 "synthetic-00003.tar"]
     # one folder, one latent normalisation; training refuses latents of another one
     rc, out, err = tool("cache_latents.py", "--data-path", spec, "--output-dir", tmp_path / "lat",
                         "--image-size", 32, "--tiny-vae", "--vae-shift-factor", 0)

@@ -1,0 +1,90 @@
+"""Former tracebacks are one line and exit 2: a --vae-path that is not a diffusers AutoencoderKL folder (every
+tool that takes one), a malformed --hardware YAML, a checkpoint of another model size than the flags."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dist_utils import subprocess_env
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=subprocess_env(ROOT), capture_output=True,
+                          text=True, timeout=300)
+
+
+def _one_error(r):
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, (r.returncode, r.stderr[-3000:])
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def not_vaes(tmp_path_factory):
+    """Four folders that are not a usable AutoencoderKL: no config, another class, no weights, torn weights."""
+    from megatron_ov3.models import FrozenVAE
+
+    root = tmp_path_factory.mktemp("vaes")
+    (root / "empty").mkdir()
+    (root / "unet").mkdir()
+    (root / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    FrozenVAE.tiny().save_pretrained(str(root / "torn"))
+    weights = root / "torn" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    (root / "noweights").mkdir()
+    (root / "noweights" / "config.json").write_text((root / "torn" / "config.json").read_text())
+    return root
+
+
+@pytest.fixture(scope="module")
+def universal_init(tmp_path_factory):
+    d = tmp_path_factory.mktemp("init")
+    r = _run("tools/init_checkpoint.py", "--image-size", 32, "--output", d)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return d / "universal"
+
+
+TOOLS = {
+    "pretrain": lambda v, _: ["-m", "megatron_ov3.pretrain", "--mock-data", "--image-size", "32", "--micro-batch-size",
+                              "2", "--global-batch-size", "2", "--train-iters", "1", "--vae-path", v],
+    "cache_latents": lambda v, _: ["tools/cache_latents.py", "--data-path", "x.tar", "--output-dir", v.parent / "o",
+                                   "--image-size", "32", "--vae-path", v],
+    "benchmark": lambda v, _: ["tools/benchmark.py", "--vae-path", v],
+    "convert": lambda v, init: ["tools/convert_to_hf.py", "--load", init, "--output", v.parent / "hf", "--vae-path", v],
+}
+
+
+WORDS = {"empty": "no config.json", "unet": "not an AutoencoderKL", "noweights": "no diffusion_pytorch_model.safetensors",
+         "torn": "could not be loaded"}
+# every kind through pretrain; the other tools share FrozenVAE.from_pretrained, so two kinds each
+CASES = [("pretrain", k) for k in WORDS] + [(t, k) for t in ("cache_latents", "benchmark", "convert")
+                                             for k in ("unet", "torn")]
+
+
+@pytest.mark.parametrize("tool,kind", CASES)
+def test_a_folder_that_is_not_a_vae_is_one_line(tool, kind, not_vaes, universal_init):
+    words = WORDS[kind]
+    err = _one_error(_run(*TOOLS[tool](not_vaes / kind, universal_init)))
+    assert "--vae-path" in err and words in err and kind in err, err
+
+
+@pytest.mark.parametrize("text,words", [("peak_tflops_bf16: [1\n", "not valid YAML"), ("- 1\n- 2\n", "not a mapping"),
+                                        ("ib_gbps: fast\n", "ib_gbps must be a number"), ("nope: 1\n", "unknown keys")])
+def test_a_malformed_hardware_file_is_one_line(tmp_path, text, words):
+    (tmp_path / "hw.yaml").write_text(text)
+    err = _one_error(_run("tools/scaling_study.py", "--hardware", tmp_path / "hw.yaml"))
+    assert words in err, err
+
+
+def test_a_checkpoint_of_another_size_names_both(tmp_path):
+    common = ["-m", "megatron_ov3.pretrain", "--mock-data", "--tiny-vae", "--image-size", "32", "--micro-batch-size",
+              "2", "--global-batch-size", "2"]
+    r = _run(*common, "--train-iters", 1, "--save", tmp_path / "ck")
+    assert r.returncode == 0, r.stderr[-2000:]
+    for flag in ("--load", "--finetune-from"):
+        err = _one_error(_run(*common, "--train-iters", 2, flag, tmp_path / "ck", "--model-size", "Ti"))
+        assert "OV3-tiny" in err and "OV3-Ti" in err and "--model-size" in err and flag in err, err
