@@ -58,8 +58,8 @@ TOOLS = {
 }
 
 
-WORDS = {"empty": "no config.json", "unet": "not an AutoencoderKL", "noweights": "no diffusion_pytorch_model.safetensors",
-         "torn": "could not be loaded"}
+WORDS = {"empty": "no config.json", "unet": "not an AutoencoderKL",
+         "noweights": "no diffusion_pytorch_model.safetensors", "torn": "could not be loaded"}
 # every kind through pretrain; the other tools share FrozenVAE.from_pretrained, so two kinds each
 CASES = [("pretrain", k) for k in WORDS] + [(t, k) for t in ("cache_latents", "benchmark", "convert")
                                              for k in ("unet", "torn")]
