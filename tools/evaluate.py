@@ -40,11 +40,11 @@ def main(argv=None):
 
     from megatron_ov3.outputs import claim
 
-    claim(args.output, "evaluate", "--output")
     classnames = read_lines(args.classnames, "--classnames") if args.classnames else None
     templates = read_lines(args.templates, "--templates") if args.templates else DEFAULT_TEMPLATES
     if any("{}" not in t for t in templates):
         raise UsageError("every template needs a '{}' for the class name")
+    claim(args.output, "evaluate", "--output")
     parallel.initialize_model_parallel(1, 1, seed=args.seed)  # every rank holds the whole model
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     model, _ = load_model(args.load, vae_path=args.vae_path, weights=not args.untrained)

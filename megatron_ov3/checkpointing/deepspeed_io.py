@@ -45,10 +45,12 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(engine, directory: str, iteration: int, client_state: dict, json_files: Dict[str, dict],
-         keep_last: Optional[int] = None, extra=None, rng: Optional[dict] = None) -> str:
+         keep_last: Optional[int] = None, extra=None, rng: Optional[dict] = None, timeout_s: float = 1800.0) -> str:
     """Collective: DeepSpeed's files, every rank's RNG, ``extra(partial_dir)`` (the universal index) and the
-    ``json_files`` (rank 0; e.g. the resolved job configuration) into ``iter_N.partial``; each rank seals (checksums
-    and fsyncs) what it wrote, rank 0 writes the manifest and publishes atomically (:func:`format.publish`)."""
+    ``json_files`` (rank 0; e.g. the resolved job configuration) into ``iter_N.partial``; then each rank seals
+    (checksums and fsyncs) what it wrote and rank 0 writes the manifest and publishes atomically, both in the
+    background (:class:`format.Publisher`; :func:`format.wait_for_publish` waits for it)."""
+    fmt.wait_for_publish()  # the previous save is complete before this one starts
     tag = fmt.tag_for(iteration)
     partial = tag + ".partial"
     folder = os.path.join(directory, partial)
@@ -67,12 +69,8 @@ def save(engine, directory: str, iteration: int, client_state: dict, json_files:
     names = file_names(engine)
     mine = [f"rng_rank{rank}.pt", names["zero_file"]] + ([names["model_file"]] if engine.save_non_zero_checkpoint
                                                           else [])
-    sealed = [None] * dist.get_world_size() if rank == 0 else None
-    dist.gather_object(fmt.seal(folder, [n for n in mine if n]), sealed, dst=0)
-    if rank == 0:
-        fmt.write_manifest(folder, {k: v for part in sealed for k, v in part.items()})
-        fmt.publish(directory, partial, tag, keep_last)
-    dist.barrier()
+    fmt.PUBLISHER.start(directory, partial, tag, [n for n in mine if n], rank, dist.get_world_size(), keep_last,
+                        timeout_s)
     return tag
 
 

@@ -10,10 +10,11 @@ Layout of ``--save DIR``::
 
 A save writes into ``iter_N.partial``; each rank checksums and fsyncs the files it wrote (:func:`seal`), rank 0
 writes ``manifest.json`` (every file's size and CRC-32), fsyncs the folder, renames it to ``iter_N`` and then
-replaces ``latest`` (write-to-temp + fsync + rename + fsync of the parent). A crash, ``kill -9`` or a node crash
-at any point leaves the previous ``latest`` and its directory untouched, and a torn or damaged file is found by
-:func:`verify` before anything is loaded from it. ``--keep-last N`` prunes older ``iter_*`` directories
-afterwards. RNG files are plain tensor dicts loaded with ``weights_only=True``.
+replaces ``latest`` (write-to-temp + fsync + rename + fsync of the parent). Sealing and publishing run in a
+background thread (:class:`Publisher`), so a save stalls training only while DeepSpeed writes its files. A
+crash, ``kill -9`` or a node crash at any point leaves the previous ``latest`` and its directory untouched, and
+a torn or damaged file is found by :func:`verify` before anything is loaded from it. ``--keep-last N`` prunes
+older ``iter_*`` directories afterwards. RNG files are plain tensor dicts loaded with ``weights_only=True``.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import zlib
 from typing import Dict, Iterable, List, Optional
 
@@ -200,3 +202,74 @@ def check(folder: str) -> None:
     problems = verify(folder)
     if problems:
         raise damaged(folder, problems)
+
+
+class Publisher:
+    """Seals this rank's files and (rank 0) publishes a save *off the training path*: each rank checksums and
+    fsyncs what it wrote in a background thread and drops ``sealed_rank{R}.json``; rank 0's thread waits for
+    every rank's, writes the manifest, fsyncs and publishes (:func:`publish`). Training continues as soon as
+    DeepSpeed's files are written; the next save, the end of training or a reader in this process first
+    :meth:`wait`\\ s. No collective runs in the thread (it polls the shared folder), so it never interleaves with
+    training's. A crash before the publish leaves only an ``iter_N.partial`` behind."""
+
+    def __init__(self):
+        self.thread: Optional[threading.Thread] = None
+        self.error: Optional[BaseException] = None
+
+    def start(self, directory: str, partial: str, tag: str, names: List[str], rank: int, world: int,
+              keep_last: Optional[int], timeout_s: float) -> None:
+        self.wait()
+        args = (directory, partial, tag, names, rank, world, keep_last, timeout_s)
+        self.thread = threading.Thread(target=self._run, args=args, name="ov3-checkpoint-publish")
+        self.thread.start()
+
+    def _run(self, directory, partial, tag, names, rank, world, keep_last, timeout_s) -> None:
+        try:
+            folder = os.path.join(directory, partial)
+            _write_json(os.path.join(folder, f"sealed_rank{rank}.json"), seal(folder, names))
+            if rank == 0:
+                write_manifest(folder, _collect_seals(folder, world, timeout_s))
+                publish(directory, partial, tag, keep_last)
+        except BaseException as e:  # re-raised in the training thread by wait()
+            self.error = e
+
+    def wait(self) -> None:
+        """Block until the last save is sealed (and, on rank 0, published); re-raise its failure."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise RuntimeError(f"publishing the last checkpoint failed: {error}") from error
+
+
+def _write_json(path: str, content) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(content, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def _collect_seals(folder: str, world: int, timeout_s: float) -> Dict[str, dict]:
+    """Every rank's sealed files, once all ``sealed_rank*.json`` exist (polled; a rank that died never writes
+    its file, and the save then stays unpublished)."""
+    import time
+
+    deadline, sealed = time.time() + timeout_s, {}
+    for r in range(world):
+        path = os.path.join(folder, f"sealed_rank{r}.json")
+        while not os.path.isfile(path):
+            if time.time() > deadline:
+                raise TimeoutError(f"rank {r} did not seal its files of {folder} within {timeout_s:.0f}s")
+            time.sleep(0.02)
+        sealed.update(json.load(open(path)))
+    return sealed
+
+
+PUBLISHER = Publisher()
+
+
+def wait_for_publish() -> None:
+    """The last save of this process is complete on disk (and published, on rank 0)."""
+    PUBLISHER.wait()

@@ -273,9 +273,13 @@ class Trainer:
                     vae=self.job.vae.checkpoint_meta(), **restore.current_layout(zero))
         files = {"ov3_config.json": self.model.cfg.to_dict(), "job_config.json": self.job.to_dict()}
         tag = deepspeed_io.save(self.engine, ck.save, self.state.iteration, client, files, ck.keep_last,
-                                extra=lambda d: universal.write_index(self.engine, d, meta), rng=self.rng.state_dict())
-        log0(f"saved checkpoint {os.path.join(ck.save, tag)} in {time.time() - t:.1f}s")
+                                extra=lambda d: universal.write_index(self.engine, d, meta), rng=self.rng.state_dict(),
+                                timeout_s=60.0 * self.job.parallel.distributed_timeout_minutes)
+        log0(f"saved checkpoint {os.path.join(ck.save, tag)} in {time.time() - t:.1f}s (sealed and published in the "
+             f"background)")
         if ck.save_universal and zero != 3:
+            ckpt_format.wait_for_publish()
+            dist.barrier()
             t = time.time()
             restore.universal_for(os.path.join(ck.save, tag), log0)
             log0(f"universal copy written in {time.time() - t:.1f}s (--save-universal)")
@@ -317,8 +321,8 @@ def _after_step(tr: Trainer, signals: Signals) -> bool:
     return stop or exit_now
 
 
-def run(job: JobConfig, world: int) -> int:
-    """Train ``job`` on ``world`` processes (this is one of them). Returns the exit code."""
+def setup(job: JobConfig, world: int) -> Trainer:
+    """Process group, parallel state and a started :class:`Trainer` (resumed, new stage, or fresh)."""
     import deepspeed
 
     plan = job.validate(world)  # usage errors never need the network
@@ -331,6 +335,12 @@ def run(job: JobConfig, world: int) -> int:
     check_ranks_agree(software_facts(job))
     tr = Trainer(job, plan, world, resume=decide_once(job)["resume"])
     tr.start()
+    return tr
+
+
+def run(job: JobConfig, world: int) -> int:
+    """Train ``job`` on ``world`` processes (this is one of them). Returns the exit code."""
+    tr = setup(job, world)
     signals = Signals()
     log0(tr.describe())
     tr.engine.train()
@@ -343,6 +353,7 @@ def run(job: JobConfig, world: int) -> int:
         return 1
     finally:
         tr.metrics.close()
+        ckpt_format.wait_for_publish()  # the last save is on disk before the process reports or exits
     latest = ckpt_format.read_latest(job.checkpoint.save) if job.checkpoint.save else None
     if latest:
         log0(f"checkpoint: {os.path.abspath(os.path.join(job.checkpoint.save, latest))}")

@@ -88,3 +88,16 @@ def test_a_checkpoint_of_another_size_names_both(tmp_path):
     for flag in ("--load", "--finetune-from"):
         err = _one_error(_run(*common, "--train-iters", 2, flag, tmp_path / "ck", "--model-size", "Ti"))
         assert "OV3-tiny" in err and "OV3-Ti" in err and "--model-size" in err and flag in err, err
+
+
+def test_readers_name_what_is_wrong_with_load_and_classnames(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("x")
+    convert = ["tools/convert_to_hf.py", "--output", tmp_path / "hf", "--load"]
+    assert "holds no checkpoint" in _one_error(_run(*convert, tmp_path / "empty"))
+    assert "is a file" in _one_error(_run(*convert, tmp_path / "file"))
+    assert "does not exist" in _one_error(_run(*convert, tmp_path / "missing"))
+    err = _one_error(_run("tools/evaluate.py", "--load", tmp_path / "empty", "--data-path", "x.tar", "--tokenizer",
+                          "t.model", "--output", tmp_path / "ev", "--classnames", tmp_path / "names.txt"))
+    assert "--classnames" in err and "names.txt" in err, err
+    assert not (tmp_path / "ev").exists()
