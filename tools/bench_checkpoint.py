@@ -10,8 +10,8 @@ Methods, each timed from a barrier before to a barrier after (the stall every ra
   ov3+universal the same with ``--save-universal`` (rank 0 converts right after the save)
   eager-gather  the previous design: a universal copy gathered from the engine at every save (one writer/stage)
 Per method: stall (s), time until sealed and published on disk (in the background for ov3), bytes written per
-rank (``/proc/self/io`` wchar: max and rank 0), peak-RSS growth per rank
-(measured in this order, so each figure is what the method adds), and the stall relative to native.
+rank (``/proc/self/io`` wchar: max and rank 0), peak-RSS growth per rank (peak reset before each method), and
+the stall relative to native.
 """
 import argparse
 import json
@@ -23,10 +23,16 @@ import _bootstrap  # noqa: F401
 from megatron_ov3.cli import exit_with
 
 
-def _io_and_hwm():
+def _io_and_memory(field: str):
+    """(bytes this process has written, its VmRSS or VmHWM in bytes)."""
     io = dict(line.split(": ") for line in open("/proc/self/io").read().splitlines())
-    hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
-    return int(io["wchar"]), hwm * 1024
+    mem = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field))
+    return int(io["wchar"]), mem * 1024
+
+
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:  # "5": reset VmHWM to the current RSS (Linux)
+        f.write("5")
 
 
 def _methods(tr, meta):
@@ -52,7 +58,8 @@ def _measure(fn, folder):
     from megatron_ov3.checkpointing import format as fmt
 
     dist.barrier()
-    w0, h0 = _io_and_hwm()
+    _reset_peak_rss()
+    w0, h0 = _io_and_memory("VmRSS")
     t = time.perf_counter()
     fn(folder)
     dist.barrier()
@@ -60,7 +67,7 @@ def _measure(fn, folder):
     fmt.wait_for_publish()  # sealed and published in the background (training would go on meanwhile)
     dist.barrier()
     done = time.perf_counter() - t
-    w1, h1 = _io_and_hwm()
+    w1, h1 = _io_and_memory("VmHWM")
     rows = [None] * dist.get_world_size()
     dist.all_gather_object(rows, (stall, w1 - w0, h1 - h0, done))
     size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(folder) for f in fs)

@@ -60,16 +60,24 @@ TOOLS = {
 
 WORDS = {"empty": "no config.json", "unet": "not an AutoencoderKL",
          "noweights": "no diffusion_pytorch_model.safetensors", "torn": "could not be loaded"}
-# every kind through pretrain; the other tools share FrozenVAE.from_pretrained, so two kinds each
-CASES = [("pretrain", k) for k in WORDS] + [(t, k) for t in ("cache_latents", "benchmark", "convert")
-                                             for k in ("unet", "torn")]
 
 
-@pytest.mark.parametrize("tool,kind", CASES)
+@pytest.mark.parametrize("kind", list(WORDS))
+def test_every_kind_of_non_vae_is_a_usage_error(kind, not_vaes):
+    from megatron_ov3.errors import UsageError
+    from megatron_ov3.models import FrozenVAE
+
+    with pytest.raises(UsageError, match=WORDS[kind]) as e:
+        FrozenVAE.from_pretrained(str(not_vaes / kind))
+    assert "--vae-path" in str(e.value) and "\n" not in str(e.value)
+
+
+# each tool that takes --vae-path, end to end (they share FrozenVAE.from_pretrained, tested above for every kind)
+@pytest.mark.parametrize("tool,kind", [("pretrain", "torn"), ("cache_latents", "unet"), ("benchmark", "noweights"),
+                                       ("convert", "unet")])
 def test_a_folder_that_is_not_a_vae_is_one_line(tool, kind, not_vaes, universal_init):
-    words = WORDS[kind]
     err = _one_error(_run(*TOOLS[tool](not_vaes / kind, universal_init)))
-    assert "--vae-path" in err and words in err and kind in err, err
+    assert "--vae-path" in err and WORDS[kind] in err and kind in err, err
 
 
 @pytest.mark.parametrize("text,words", [("peak_tflops_bf16: [1\n", "not valid YAML"), ("- 1\n- 2\n", "not a mapping"),
