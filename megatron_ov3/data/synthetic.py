@@ -1,5 +1,6 @@
-"""Synthetic image-text shards with learnable signal: a coloured shape on a coloured background, and a
-caption that says which shape, which colours and where. Real JPEGs in real tar shards."""
+"""Synthetic image-text shards with learnable signal: one to three coloured shapes on a coloured background, and a
+caption that says how many, which shape, which colours and where; the label (``KEY.cls``) is colour x shape
+(24 zero-shot classes, :func:`class_names`). Real JPEGs in real tar shards."""
 from __future__ import annotations
 
 import io
@@ -12,34 +13,52 @@ COLORS = {
     "red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40),
     "purple": (140, 50, 170), "orange": (240, 140, 30), "white": (245, 245, 245), "black": (15, 15, 15),
 }
-SHAPES = ("circle", "square", "triangle")
-PLACES = {"top left": (0.3, 0.3), "top right": (0.7, 0.3), "bottom left": (0.3, 0.7),
-          "bottom right": (0.7, 0.7), "center": (0.5, 0.5)}
+SHAPE_COLORS = ("red", "green", "blue", "yellow", "purple", "orange")  # the shapes' colours (backgrounds: any)
+SHAPES = ("circle", "square", "triangle", "diamond")
+PLACES = {"top left": (0.27, 0.27), "top right": (0.73, 0.27), "bottom left": (0.27, 0.73),
+          "bottom right": (0.73, 0.73), "center": (0.5, 0.5)}
+COUNTS = ("one", "two", "three")
+
+
+def class_names() -> list:
+    """Zero-shot classes of the synthetic data: colour x shape (label = its index here; 24 classes)."""
+    return [f"{c} {s}" for c in SHAPE_COLORS for s in SHAPES]
+
+
+def _draw(d, shape: str, cx: float, cy: float, r: float, fill) -> None:
+    if shape == "circle":
+        d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif shape == "square":
+        d.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif shape == "triangle":
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    else:
+        d.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
 
 
 def synthetic_sample(rng: random.Random, size: int = 64):
-    """(JPEG bytes, caption, shape index) of one random scene (the index is the zero-shot class label)."""
+    """(JPEG bytes, caption, label) of one random scene: one to three shapes of one kind and colour on a
+    background of another colour; one shape has a place (top left, ..., center). The label is the index of
+    "colour shape" in :func:`class_names` (zero-shot over 24 classes)."""
     from PIL import Image, ImageDraw
 
-    fg, bg = rng.sample(list(COLORS), 2)
-    shape = rng.choice(SHAPES)
-    place = rng.choice(list(PLACES))
-    big = rng.random() < 0.5
+    fg = rng.choice(SHAPE_COLORS)
+    bg = rng.choice([c for c in COLORS if c != fg])
+    shape, count, big = rng.choice(SHAPES), rng.randint(1, 3), rng.random() < 0.5
     img = Image.new("RGB", (size, size), COLORS[bg])
     d = ImageDraw.Draw(img)
-    cx, cy = (v * size for v in PLACES[place])
-    r = size * (0.22 if big else 0.12)
-    box = (cx - r, cy - r, cx + r, cy + r)
-    if shape == "circle":
-        d.ellipse(box, fill=COLORS[fg])
-    elif shape == "square":
-        d.rectangle(box, fill=COLORS[fg])
-    else:
-        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLORS[fg])
+    places = rng.sample(list(PLACES), count)
+    r = size * ((0.2 if big else 0.12) if count == 1 else 0.11)
+    for place in places:
+        cx, cy = (v * size for v in PLACES[place])
+        _draw(d, shape, cx, cy, r, COLORS[fg])
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=90)
-    caption = f"a {'large' if big else 'small'} {fg} {shape} in the {place} on a {bg} background"
-    return buf.getvalue(), caption, SHAPES.index(shape)
+    if count == 1:
+        caption = f"a {'large' if big else 'small'} {fg} {shape} in the {places[0]} on a {bg} background"
+    else:
+        caption = f"{COUNTS[count - 1]} {fg} {shape}s on a {bg} background"
+    return buf.getvalue(), caption, class_names().index(f"{fg} {shape}")
 
 
 def write_synthetic_shards(out_dir: str, num_samples: int, samples_per_shard: int = 100, image_size: int = 64,

@@ -39,7 +39,8 @@ def evaluate(model, batches, device, tokenizer=None, classnames: Optional[Sequen
     """Metrics over ``batches`` (this rank's share), gathered over ``group``. Returns the report on every rank."""
     was_training = model.training
     model.eval()
-    acc: Dict[str, List[torch.Tensor]] = {k: [] for k in ("psnr", "ssim", "lpips", "img", "txt", "labels")}
+    acc: Dict[str, List[torch.Tensor]] = {k: [] for k in ("psnr", "ssim", "lpips", "vae_psnr", "vae_ssim", "img",
+                                                          "txt", "labels")}
     feats_real, feats_fake = [], []
     grid = None
     for i, batch in enumerate(batches):
@@ -52,8 +53,11 @@ def evaluate(model, batches, device, tokenizer=None, classnames: Optional[Sequen
         enc = model.encode_image(images=x)
         z_hat = model.predict_latents(enc.tokens)
         x_hat = model.vae.decode(z_hat).clamp(-1, 1)
+        x_vae = model.vae.decode(model.vae.encode(x)).clamp(-1, 1)  # the ceiling: the frozen VAE on its own
         acc["psnr"].append(M.psnr(x_hat, x).cpu())
         acc["ssim"].append(M.ssim(x_hat, x).cpu())
+        acc["vae_psnr"].append(M.psnr(x_vae, x).cpu())
+        acc["vae_ssim"].append(M.ssim(x_vae, x).cpu())
         if lpips is not None:
             acc["lpips"].append(lpips(x_hat.float(), x.float()).cpu())
         if inception is not None:
@@ -64,7 +68,7 @@ def evaluate(model, batches, device, tokenizer=None, classnames: Optional[Sequen
         # one label per image (-1: none), so the labels stay aligned when only some shards carry .cls
         acc["labels"].append(batch["labels"].cpu() if "labels" in batch else torch.full((x.shape[0],), -1))
         if grid is None:
-            grid = M.image_grid(x, x_hat, grid_images)
+            grid = M.image_grid(x, [x_vae, x_hat], grid_images)
     local = {k: (torch.cat(v) if v else None) for k, v in acc.items()}
     local["feats_real"] = torch.cat(feats_real) if feats_real else None
     local["feats_fake"] = torch.cat(feats_fake) if feats_fake else None
@@ -76,18 +80,21 @@ def evaluate(model, batches, device, tokenizer=None, classnames: Optional[Sequen
     report: Dict = {"num_images": int(local["psnr"].numel()) if local["psnr"] is not None else 0}
     if report["num_images"] == 0:
         raise UsageError("the evaluation data yielded no image")
-    report["psnr"] = float(local["psnr"].mean())
-    report["ssim"] = float(local["ssim"].mean())
+    for k in ("psnr", "ssim", "vae_psnr", "vae_ssim"):
+        report[k] = float(local[k].mean())
     if local["lpips"] is not None:
         report["lpips"] = float(local["lpips"].mean())
     if local["feats_real"] is not None:
         report["rfid"] = M.frechet_distance(local["feats_real"].numpy(), local["feats_fake"].numpy())
     report.update({f"retrieval_{k}": v for k, v in M.recall_at_k(local["img"], local["txt"]).items()})
+    report.update({f"chance_retrieval_{k}": v for k, v in M.recall_chance(report["num_images"]).items()})
     if local["labels"] is not None and not (local["labels"] >= 0).any():
         local["labels"] = None
     if classnames and local["labels"] is not None and tokenizer is not None:
         cls = class_embeddings(model, tokenizer, classnames, templates, device).cpu()
         report.update({f"zeroshot_{k}": v for k, v in M.zero_shot_topk(local["img"], cls, local["labels"]).items()})
+        report["num_classes"] = len(classnames)
+        report.update({f"chance_zeroshot_{k}": v for k, v in M.zero_shot_chance(len(classnames)).items()})
     if was_training:
         model.train()
     return {"report": report, "grid": grid}

@@ -103,6 +103,16 @@ def recall_at_k(image_emb: torch.Tensor, text_emb: torch.Tensor, ks: Sequence[in
     return out
 
 
+def recall_chance(n: int, ks: Sequence[int] = (1, 5, 10)) -> Dict[str, float]:
+    """Recall@K of a random ranking over ``n`` pairs: K / n (the number to beat)."""
+    return {f"{name}_R@{k}": min(1.0, k / n) for name in ("i2t", "t2i") for k in ks}
+
+
+def zero_shot_chance(num_classes: int, ks: Sequence[int] = (1, 5)) -> Dict[str, float]:
+    """Top-K accuracy of a random guess among ``num_classes`` classes: K / C."""
+    return {f"top{k}": min(1.0, k / num_classes) for k in ks}
+
+
 def zero_shot_topk(image_emb: torch.Tensor, class_emb: torch.Tensor, labels: torch.Tensor,
                    ks: Sequence[int] = (1, 5)) -> Dict[str, float]:
     """Top-K accuracy of classifying images by cosine similarity to per-class text embeddings, over the images
@@ -120,9 +130,11 @@ def zero_shot_topk(image_emb: torch.Tensor, class_emb: torch.Tensor, labels: tor
     return out
 
 
-def image_grid(originals: torch.Tensor, recons: torch.Tensor, max_images: int = 16) -> torch.Tensor:
-    """(3, H', W') uint8 grid: each row an original next to its reconstruction."""
+def image_grid(originals: torch.Tensor, recons, max_images: int = 16) -> torch.Tensor:
+    """(3, H', W') uint8 grid: each row an original next to its reconstruction(s) (a tensor or a list of them,
+    e.g. ``[VAE alone, OV3]``), left to right."""
+    recons = [recons] if isinstance(recons, torch.Tensor) else list(recons)
     n = min(max_images, originals.shape[0])
-    rows = [torch.cat([originals[i], recons[i]], dim=-1) for i in range(n)]
+    rows = [torch.cat([originals[i]] + [r[i] for r in recons], dim=-1) for i in range(n)]
     grid = torch.cat(rows, dim=-2)
     return ((grid.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()

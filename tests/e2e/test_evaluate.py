@@ -16,7 +16,7 @@ DS = os.path.join(os.path.dirname(sys.executable), "deepspeed")
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from megatron_ov3.data.synthetic import write_synthetic_shards
+    from megatron_ov3.data.synthetic import class_names, write_synthetic_shards
     from megatron_ov3.data.tokenizer import train_tokenizer
     from megatron_ov3.data.shards import iter_tar_samples
 
@@ -26,7 +26,7 @@ def trained(tmp_path_factory):
     caps = [s["txt"].decode() for i in range(8)
             for s in iter_tar_samples(str(d / "train" / f"synthetic-{i:05d}.tar"), print)]
     tok = train_tokenizer(caps, str(d / "tok"), vocab_size=64)
-    (d / "classes.txt").write_text("circle\nsquare\ntriangle\n")
+    (d / "classes.txt").write_text("\n".join(class_names()) + "\n")
     env = subprocess_env(ROOT)
     cmd = [sys.executable, "-m", "megatron_ov3.pretrain",
            "--data-path", str(d / "train" / "synthetic-{00000..00007}.tar"),
