@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${DEMO_DIR:-runs/demo}
 NUM=${NUM_SAMPLES:-2000}
-ITERS=${TRAIN_ITERS:-150}
+ITERS=${TRAIN_ITERS:-200}
 VAE_SECONDS=${VAE_SECONDS:-60}
 LAST=$(printf '%05d' $(( NUM / 100 - 1 )))
 TRAIN="$OUT/data/synthetic-{00000..$LAST}.tar"
@@ -29,7 +29,8 @@ DATA_PATH="$TRAIN" TOKENIZER="$OUT/tokenizer.model" CHECKPOINT_PATH="$OUT/checkp
   --metrics-file "$OUT/metrics.jsonl" 2>&1 | grep -v -E "^\[20|FutureWarning|return func|warnings.warn|UserWarning"
 for which in trained untrained; do
   python tools/evaluate.py --load "$OUT/checkpoints" --data-path "$OUT/heldout/synthetic-{00000..00003}.tar" \
-    --tokenizer "$OUT/tokenizer.model" --classnames "$OUT/heldout/classes.txt" --micro-batch-size 50 \
+    --tokenizer "$OUT/tokenizer.model" --classnames "$OUT/heldout/classes.txt" \
+    --templates "$OUT/heldout/templates.txt" --micro-batch-size 50 \
     --output "$OUT/eval-$which" $([[ $which == untrained ]] && echo --untrained) > /dev/null
 done
 echo

@@ -40,7 +40,9 @@ def main(argv=None):
     p.add_argument("--output", required=True, help="new or empty folder for the diffusers VAE")
     p.add_argument("--seconds", type=float, default=60.0, help="training time budget")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (default: time only)")
-    p.add_argument("--width", type=int, default=32, help="channels per level (FLUX: 128-512)")
+    p.add_argument("--width", type=int, default=16, help="channels per level (FLUX: 128-512)")
+    p.add_argument("--crop", type=int, default=None, help="train on random crops of this size (default: half the "
+                   "image size; the VAE is convolutional)")
     p.add_argument("--max-images", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -54,8 +56,9 @@ def main(argv=None):
     images = load_images(args.data_path, args.image_size, args.max_images)
     claim(args.output, "fit_vae", "--output")
     held = max(1, len(images) // 10)
+    crop = args.crop or max(16, args.image_size // 2 // 8 * 8)
     ae, summary = fit_vae(images[held:], seconds=args.seconds, width=args.width, seed=args.seed,
-                          max_steps=args.max_steps)
+                          max_steps=args.max_steps, crop=crop)
     summary.update(images=len(images) - held, heldout_images=held, heldout_psnr=reconstruction_psnr(ae, images[:held]))
     ae.save_pretrained(args.output, safe_serialization=True)
     with open(os.path.join(args.output, "fit_vae.json"), "w") as f:

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Write synthetic image-text shards (one to three coloured shapes; captions say how many, shape, colours, size,
-position) and classes.txt (the 24 colour x shape zero-shot classes, label i = line i)."""
+position), classes.txt (the 24 colour x shape zero-shot classes, label i = line i) and templates.txt (prompt
+templates in the captions' grammar, for evaluate.py --templates)."""
 import os
 
 import _bootstrap  # noqa: F401
@@ -18,13 +19,16 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.num_samples < 1:
         raise UsageError("--num-samples must be >= 1")
-    from megatron_ov3.data.synthetic import class_names, write_synthetic_shards
+    from megatron_ov3.data.synthetic import class_names, write_synthetic_shards, zero_shot_templates
 
     sizes = write_synthetic_shards(args.output_dir, args.num_samples, args.samples_per_shard, args.image_size,
                                    args.seed, args.prefix)
     with open(os.path.join(args.output_dir, "classes.txt"), "w") as f:
         f.write("\n".join(class_names()) + "\n")
-    print(f"wrote {sum(sizes.values())} samples in {len(sizes)} shards and classes.txt to {args.output_dir}")
+    with open(os.path.join(args.output_dir, "templates.txt"), "w") as f:
+        f.write("\n".join(zero_shot_templates()) + "\n")
+    print(f"wrote {sum(sizes.values())} samples in {len(sizes)} shards, classes.txt and templates.txt to "
+          f"{args.output_dir}")
 
 
 if __name__ == "__main__":

@@ -12,8 +12,10 @@ from .shards import ShardWriter
 COLORS = {
     "red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40),
     "purple": (140, 50, 170), "orange": (240, 140, 30), "white": (245, 245, 245), "black": (15, 15, 15),
+    "gray": (128, 128, 128),
 }
-SHAPE_COLORS = ("red", "green", "blue", "yellow", "purple", "orange")  # the shapes' colours (backgrounds: any)
+SHAPE_COLORS = ("red", "green", "blue", "yellow", "purple", "orange")  # the shapes' colours
+BACKGROUNDS = ("white", "black", "gray")  # no shape has these, so the shape's colour is the scene's colour
 SHAPES = ("circle", "square", "triangle", "diamond")
 PLACES = {"top left": (0.27, 0.27), "top right": (0.73, 0.27), "bottom left": (0.27, 0.73),
           "bottom right": (0.73, 0.73), "center": (0.5, 0.5)}
@@ -23,6 +25,13 @@ COUNTS = ("one", "two", "three")
 def class_names() -> list:
     """Zero-shot classes of the synthetic data: colour x shape (label = its index here; 24 classes)."""
     return [f"{c} {s}" for c in SHAPE_COLORS for s in SHAPES]
+
+
+def zero_shot_templates() -> list:
+    """Prompt templates in the captions' own grammar (as CLIP ships per-dataset templates), over both sizes,
+    every place and every background, so averaging them leaves only colour x shape."""
+    return [f"a {size} {{}} in the {place} on a {bg} background" for size in ("large", "small") for place in PLACES
+            for bg in BACKGROUNDS]
 
 
 def _draw(d, shape: str, cx: float, cy: float, r: float, fill) -> None:
@@ -37,18 +46,17 @@ def _draw(d, shape: str, cx: float, cy: float, r: float, fill) -> None:
 
 
 def synthetic_sample(rng: random.Random, size: int = 64):
-    """(JPEG bytes, caption, label) of one random scene: one to three shapes of one kind and colour on a
-    background of another colour; one shape has a place (top left, ..., center). The label is the index of
+    """(JPEG bytes, caption, label) of one random scene: one to three shapes of one kind and colour on a white,
+    black or gray background; one shape has a place (top left, ..., center). The label is the index of
     "colour shape" in :func:`class_names` (zero-shot over 24 classes)."""
     from PIL import Image, ImageDraw
 
-    fg = rng.choice(SHAPE_COLORS)
-    bg = rng.choice([c for c in COLORS if c != fg])
+    fg, bg = rng.choice(SHAPE_COLORS), rng.choice(BACKGROUNDS)
     shape, count, big = rng.choice(SHAPES), rng.randint(1, 3), rng.random() < 0.5
     img = Image.new("RGB", (size, size), COLORS[bg])
     d = ImageDraw.Draw(img)
     places = rng.sample(list(PLACES), count)
-    r = size * ((0.2 if big else 0.12) if count == 1 else 0.11)
+    r = size * ((0.3 if big else 0.18) if count == 1 else 0.15)
     for place in places:
         cx, cy = (v * size for v in PLACES[place])
         _draw(d, shape, cx, cy, r, COLORS[fg])

@@ -3,7 +3,9 @@
 OV3's idea is a *pretrained*, frozen VAE; on a machine with no downloads the demo would otherwise train against a
 randomly initialised one, whose decoder means nothing. :func:`fit_vae` trains a diffusers ``AutoencoderKL`` with
 the FLUX.1 layout (16 latent channels, 8x down-sampling, 4 levels) at narrow width the way a VAE is trained
-(L1 + MSE reconstruction of the posterior sample plus a small KL term) for a time budget, then records the latent
+(L1 + MSE reconstruction of the posterior sample plus a small KL term; random half-size crops, which measured
+best for a one-minute budget: 20.6 dB held-out PSNR in 40 s at 64px vs 17.5 dB on whole images, width 16) for a
+time budget, then records the latent
 normalisation it needs (``shift_factor`` = latent mean, ``scaling_factor`` = 1 / latent std, FLUX's convention) in
 its config, so ``--vae-path DIR`` loads it through the same code a FLUX user takes.
 """
@@ -49,11 +51,23 @@ def reconstruction_psnr(ae, images: torch.Tensor, batch: int = 64) -> float:
     return float(torch.cat(out).mean())
 
 
-def fit_vae(images: torch.Tensor, seconds: float = 60.0, width: int = 32, batch_size: int = 32, lr: float = 2e-3,
-            kl_weight: float = 1e-6, seed: int = 0, max_steps: Optional[int] = None,
+def _crops(images: torch.Tensor, idx: torch.Tensor, crop: Optional[int], gen: torch.Generator) -> torch.Tensor:
+    """The batch ``images[idx]``, as random ``crop`` x ``crop`` windows (8-aligned) when ``crop`` is smaller than
+    the images: the VAE is convolutional, so it learns the same maps from 4x fewer pixels per step."""
+    x = images[idx]
+    h = x.shape[-1]
+    if crop is None or crop >= h:
+        return x
+    top, left = (int(v) * 8 for v in torch.randint((h - crop) // 8 + 1, (2,), generator=gen))
+    return x[..., top:top + crop, left:left + crop]
+
+
+def fit_vae(images: torch.Tensor, seconds: float = 60.0, width: int = 16, batch_size: int = 16, lr: float = 5e-3,
+            kl_weight: float = 1e-6, seed: int = 0, max_steps: Optional[int] = None, crop: Optional[int] = None,
             log: Callable[[str], None] = print) -> Tuple["object", Dict]:
-    """Train on ``images`` ((N, 3, H, W) in [-1, 1]) for ``seconds`` (or ``max_steps``); returns the diffusers
-    ``AutoencoderKL`` (eval mode, normalisation in its config) and a summary (steps, losses, time)."""
+    """Train on ``images`` ((N, 3, H, W) in [-1, 1]; random ``crop``-pixel windows when given) for ``seconds``
+    (or ``max_steps``); returns the diffusers ``AutoencoderKL`` (eval mode, normalisation in its config) and a
+    summary (steps, losses, time)."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
@@ -64,7 +78,7 @@ def fit_vae(images: torch.Tensor, seconds: float = 60.0, width: int = 32, batch_
     ae.train()
     while time.time() - start < seconds and (max_steps is None or steps < max_steps):
         idx = torch.randint(len(images), (min(batch_size, len(images)),), generator=gen)
-        loss, l1 = _step(ae, images[idx], kl_weight)
+        loss, l1 = _step(ae, _crops(images, idx, crop, gen), kl_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
