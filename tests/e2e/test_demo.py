@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_short_demo_reports_what_the_full_one_does(tmp_path):
     env = subprocess_env(ROOT, DEMO_DIR=str(tmp_path / "demo"), NUM_SAMPLES="400", TRAIN_ITERS="20",
                          VAE_SECONDS="5")
-    env["PATH"] = os.path.dirname(__import__("sys").executable) + os.pathsep + env["PATH"]  # the venv's python, deepspeed
+    env["PATH"] = os.path.dirname(__import__("sys").executable) + os.pathsep + env["PATH"]  # the venv's tools
     r = subprocess.run(["bash", "examples/demo.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     out = r.stdout
