@@ -66,3 +66,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_python(*args, timeout: float = 300):
+    """``python ARGS`` (a module with ``-m`` or a tool path) from the checkout root, output captured."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, *map(str, args)], cwd=root, env=subprocess_env(root),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def one_error(r) -> str:
+    """The single ``error:`` line of a usage error (exit 2, no traceback)."""
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, (r.returncode, r.stderr[-3000:])
+    return errors[0]

@@ -42,12 +42,13 @@ def is_tag(name: str) -> bool:
     return bool(_TAG.match(name))
 
 
-_OWN = re.compile(r"^(latest(\.tmp)?|iter_\d{7,}(\.partial|\.old)?|zero_to_fp32\.py|zero_to_torch\.py|\.nfs.*)$")
+# what a run writes into its --save folder: checkpoints, DeepSpeed's helper scripts, in-training evaluation
+_OWN = re.compile(r"^(latest(\.tmp)?|iter_\d{7,}(\.partial|\.old)?|zero_to_fp32\.py|zero_to_torch\.py|eval|\.nfs.*)$")
 
 
 def check_save_folder(directory: str, run_outputs=()) -> None:
-    """``--save`` must be new, empty, or a checkpoint folder (``latest``, ``iter_*`` and DeepSpeed's helper
-    scripts), plus this run's own outputs inside it (``run_outputs``: e.g. its tensorboard folder); anything else
+    """``--save`` must be new, empty, or a checkpoint folder (``latest``, ``iter_*``, DeepSpeed's helper
+    scripts, in-training evaluation's ``eval/``), plus this run's own outputs inside it (``run_outputs``: e.g. its tensorboard folder); anything else
     is refused, so checkpoints never mix with (or prune) other files."""
     if not os.path.isdir(directory):
         return

@@ -2,25 +2,16 @@
 tool that takes one), a malformed --hardware YAML, a checkpoint of another model size than the flags."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from dist_utils import subprocess_env
+from dist_utils import one_error, run_python
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _run(*args):
-    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=subprocess_env(ROOT), capture_output=True,
-                          text=True, timeout=300)
 
 
-def _one_error(r):
-    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, (r.returncode, r.stderr[-3000:])
-    return errors[0]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +34,7 @@ def not_vaes(tmp_path_factory):
 @pytest.fixture(scope="module")
 def universal_init(tmp_path_factory):
     d = tmp_path_factory.mktemp("init")
-    r = _run("tools/init_checkpoint.py", "--image-size", 32, "--output", d)
+    r = run_python("tools/init_checkpoint.py", "--image-size", 32, "--output", d)
     assert r.returncode == 0, r.stderr[-2000:]
     return d / "universal"
 
@@ -76,7 +67,7 @@ def test_every_kind_of_non_vae_is_a_usage_error(kind, not_vaes):
 @pytest.mark.parametrize("tool,kind", [("pretrain", "torn"), ("cache_latents", "unet"), ("benchmark", "noweights"),
                                        ("convert", "unet")])
 def test_a_folder_that_is_not_a_vae_is_one_line(tool, kind, not_vaes, universal_init):
-    err = _one_error(_run(*TOOLS[tool](not_vaes / kind, universal_init)))
+    err = one_error(run_python(*TOOLS[tool](not_vaes / kind, universal_init)))
     assert "--vae-path" in err and WORDS[kind] in err and kind in err, err
 
 
@@ -84,17 +75,17 @@ def test_a_folder_that_is_not_a_vae_is_one_line(tool, kind, not_vaes, universal_
                                         ("ib_gbps: fast\n", "ib_gbps must be a number"), ("nope: 1\n", "unknown keys")])
 def test_a_malformed_hardware_file_is_one_line(tmp_path, text, words):
     (tmp_path / "hw.yaml").write_text(text)
-    err = _one_error(_run("tools/scaling_study.py", "--hardware", tmp_path / "hw.yaml"))
+    err = one_error(run_python("tools/scaling_study.py", "--hardware", tmp_path / "hw.yaml"))
     assert words in err, err
 
 
 def test_a_checkpoint_of_another_size_names_both(tmp_path):
     common = ["-m", "megatron_ov3.pretrain", "--mock-data", "--tiny-vae", "--image-size", "32", "--micro-batch-size",
               "2", "--global-batch-size", "2"]
-    r = _run(*common, "--train-iters", 1, "--save", tmp_path / "ck")
+    r = run_python(*common, "--train-iters", 1, "--save", tmp_path / "ck")
     assert r.returncode == 0, r.stderr[-2000:]
     for flag in ("--load", "--finetune-from"):
-        err = _one_error(_run(*common, "--train-iters", 2, flag, tmp_path / "ck", "--model-size", "Ti"))
+        err = one_error(run_python(*common, "--train-iters", 2, flag, tmp_path / "ck", "--model-size", "Ti"))
         assert "OV3-tiny" in err and "OV3-Ti" in err and "--model-size" in err and flag in err, err
 
 
@@ -102,10 +93,10 @@ def test_readers_name_what_is_wrong_with_load_and_classnames(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "file").write_text("x")
     convert = ["tools/convert_to_hf.py", "--output", tmp_path / "hf", "--load"]
-    assert "holds no checkpoint" in _one_error(_run(*convert, tmp_path / "empty"))
-    assert "is a file" in _one_error(_run(*convert, tmp_path / "file"))
-    assert "does not exist" in _one_error(_run(*convert, tmp_path / "missing"))
-    err = _one_error(_run("tools/evaluate.py", "--load", tmp_path / "empty", "--data-path", "x.tar", "--tokenizer",
+    assert "holds no checkpoint" in one_error(run_python(*convert, tmp_path / "empty"))
+    assert "is a file" in one_error(run_python(*convert, tmp_path / "file"))
+    assert "does not exist" in one_error(run_python(*convert, tmp_path / "missing"))
+    err = one_error(run_python("tools/evaluate.py", "--load", tmp_path / "empty", "--data-path", "x.tar", "--tokenizer",
                           "t.model", "--output", tmp_path / "ev", "--classnames", tmp_path / "names.txt"))
     assert "--classnames" in err and "names.txt" in err, err
     assert not (tmp_path / "ev").exists()

@@ -3,27 +3,18 @@ publish); --load checks it and names a damaged file (exit 2, nothing on disk cha
 verifies and makes the universal copy; a save writes no universal copy unless asked, and readers make it on demand."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from dist_utils import subprocess_env
+from dist_utils import one_error, run_python
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN = ["-m", "megatron_ov3.pretrain", "--mock-data", "--tiny-vae", "--image-size", "32", "--micro-batch-size", "2",
          "--global-batch-size", "2", "--log-interval", "1"]
 
 
-def _run(*args):
-    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=subprocess_env(ROOT), capture_output=True,
-                          text=True, timeout=300)
 
 
-def _one_error(r):
-    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert r.returncode == 2 and len(errors) == 1, (r.returncode, r.stdout[-2000:], r.stderr[-3000:])
-    return errors[0]
 
 
 def _snapshot(folder):
@@ -33,7 +24,7 @@ def _snapshot(folder):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     ck = tmp_path_factory.mktemp("integrity") / "ck"
-    r = _run(*TRAIN, "--train-iters", 2, "--save", ck)
+    r = run_python(*TRAIN, "--train-iters", 2, "--save", ck)
     assert r.returncode == 0, r.stderr[-3000:]
     return ck
 
@@ -45,7 +36,7 @@ def test_manifest_lists_every_file_and_no_universal_copy_is_written(saved):
     assert sorted(manifest) == [n for n in on_disk if n != "manifest.json"]
     assert all(manifest[n]["size"] == os.path.getsize(it / n) for n in manifest)
     assert "universal_index.json" in manifest and not (it / "universal").exists()
-    r = _run("tools/checkpoint.py", "verify", saved)
+    r = run_python("tools/checkpoint.py", "verify", saved)
     assert r.returncode == 0 and "intact" in r.stdout, r.stdout + r.stderr
 
 
@@ -64,11 +55,11 @@ def test_load_names_the_damaged_file_and_changes_nothing(saved, tmp_path, damage
         data = data[: len(data) // 2]
     victim.write_bytes(bytes(data))
     before = _snapshot(ck)
-    err = _one_error(_run(*TRAIN, "--train-iters", 4, "--load", ck, "--save", ck))
+    err = one_error(run_python(*TRAIN, "--train-iters", 4, "--load", ck, "--save", ck))
     assert victim.name in err and ("damaged" in err or "truncated" in err), err
     assert _snapshot(ck) == before
     if damage != "manifest":
-        r = _run("tools/checkpoint.py", "verify", ck)
+        r = run_python("tools/checkpoint.py", "verify", ck)
         assert r.returncode == 2 and victim.name in r.stdout and "DAMAGED" in r.stdout, r.stdout + r.stderr
 
 
@@ -77,15 +68,16 @@ def test_readers_make_the_universal_copy_on_demand(saved, tmp_path):
 
     ck = tmp_path / "ck"
     shutil.copytree(saved, ck)
-    r = _run("tools/convert_to_hf.py", "--load", ck, "--target", "hf", "--output", tmp_path / "hf", "--no-progress")
+    r = run_python("tools/convert_to_hf.py", "--load", ck, "--target", "hf", "--output", tmp_path / "hf",
+                   "--no-progress")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "wrote the universal copy" in r.stdout and (ck / "iter_0000002" / "universal" / "manifest.json").exists()
-    r = _run("tools/checkpoint.py", "list", ck)
+    r = run_python("tools/checkpoint.py", "list", ck)
     assert r.returncode == 0 and "iter_0000002" in r.stdout and "universal copy" in r.stdout
     assert "TP1 x PP1 x DP1 ZeRO-1" in r.stdout, r.stdout
     out = tmp_path / "elsewhere"
-    r = _run("tools/checkpoint.py", "to-universal", saved, "--output", out)
+    r = run_python("tools/checkpoint.py", "to-universal", saved, "--output", out)
     assert r.returncode == 0 and (out / "stage0.safetensors").exists(), r.stderr[-2000:]
     assert not (saved / "iter_0000002" / "universal").exists()
-    err = _one_error(_run("tools/checkpoint.py", "verify", ck, "--iteration", 7))
+    err = one_error(run_python("tools/checkpoint.py", "verify", ck, "--iteration", 7))
     assert "no iter_0000007" in err and "iter_0000002" in err

@@ -2,19 +2,14 @@
 exit 2, the file untouched), reuses only its own earlier output, and pretrain --save accepts only a checkpoint
 folder (plus the run's own tensorboard/metrics inside it)."""
 import os
-import subprocess
-import sys
 
 import pytest
 
-from dist_utils import subprocess_env
+from dist_utils import run_python
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _run(*args):
-    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=subprocess_env(ROOT), capture_output=True,
-                          text=True, timeout=300)
 
 
 def _foreign(tmp_path):
@@ -38,7 +33,7 @@ COMMANDS = {
 @pytest.mark.parametrize("tool", list(COMMANDS))
 def test_a_folder_of_other_files_is_refused(tool, tmp_path):
     d = _foreign(tmp_path)
-    r = _run(*COMMANDS[tool](d))
+    r = run_python(*COMMANDS[tool](d))
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert r.returncode == 2 and len(errors) == 1, (r.returncode, r.stderr[-2000:])
     assert "notes.txt" in errors[0] and str(d) in errors[0], errors[0]
@@ -48,9 +43,10 @@ def test_a_folder_of_other_files_is_refused(tool, tmp_path):
 def test_pretrain_save_accepts_its_own_checkpoints_and_run_outputs(tmp_path):
     d = tmp_path / "ck"
     base = COMMANDS["pretrain"](d) + ["--tensorboard-dir", d / "tensorboard", "--metrics-file", d / "m.jsonl"]
-    r = _run(*base)
+    r = run_python(*base)
     assert r.returncode == 0, r.stderr[-2000:]
-    r = _run(*base[:-6], "--train-iters", "2", "--load", d, "--save", d, "--tensorboard-dir", d / "tensorboard",
+    (d / "eval").mkdir()  # what in-training evaluation writes there
+    r = run_python(*base[:-6], "--train-iters", "2", "--load", d, "--save", d, "--tensorboard-dir", d / "tensorboard",
              "--metrics-file", d / "m.jsonl")
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-2000:]
 

@@ -1,13 +1,11 @@
 """Loading never runs code from a file: a checkpoint whose DeepSpeed model states hold a planted pickle is
 refused with one line (exit 2) by every entry point that reads checkpoints, and its payload never runs."""
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from dist_utils import subprocess_env
+from dist_utils import one_error, run_python
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -29,15 +27,8 @@ def planted(tmp_path):
     return ck, marker
 
 
-def _run(*args):
-    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=subprocess_env(ROOT), capture_output=True,
-                          text=True, timeout=300)
 
 
-def _one_error(r):
-    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert r.returncode == 2 and len(errors) == 1, (r.returncode, r.stderr[-3000:])
-    return errors[0]
 
 
 TRAIN = ["-m", "megatron_ov3.pretrain", "--mock-data", "--tiny-vae", "--image-size", "32", "--micro-batch-size", "2",
@@ -47,17 +38,17 @@ TRAIN = ["-m", "megatron_ov3.pretrain", "--mock-data", "--tiny-vae", "--image-si
 @pytest.mark.parametrize("flag", ["--load", "--finetune-from"])
 def test_training_refuses_a_planted_pickle(planted, flag):
     ck, marker = planted
-    err = _one_error(_run(*TRAIN, flag, ck))
+    err = one_error(run_python(*TRAIN, flag, ck))
     assert "refusing to load" in err and "mp_rank_00_model_states.pt" in err and "system" in err, err
     assert not marker.exists(), "the planted payload ran"
 
 
 def test_export_and_evaluation_read_no_pickle(planted, tmp_path):
     ck, marker = planted
-    err = _one_error(_run("tools/convert_to_hf.py", "--load", ck, "--target", "hf", "--output", tmp_path / "x"))
+    err = one_error(run_python("tools/convert_to_hf.py", "--load", ck, "--target", "hf", "--output", tmp_path / "x"))
     assert "neither a universal copy nor universal_index.json" in err
-    err = _one_error(_run("tools/evaluate.py", "--load", ck, "--data-path", "d/{0..1}.tar", "--tokenizer", "t.model",
-                          "--output", tmp_path / "e"))
+    err = one_error(run_python("tools/evaluate.py", "--load", ck, "--data-path", "d/{0..1}.tar", "--tokenizer",
+                               "t.model", "--output", tmp_path / "e"))
     assert "neither a universal copy nor universal_index.json" in err
     assert not marker.exists()
 
@@ -65,9 +56,9 @@ def test_export_and_evaluation_read_no_pickle(planted, tmp_path):
 def test_a_damaged_model_states_file_is_named(tmp_path):
     """A real checkpoint, its model-states file truncated: one line naming the file, not a traceback."""
     ck = tmp_path / "ck"
-    r = _run(*TRAIN, "--save", ck, "--no-save-universal")
+    r = run_python(*TRAIN, "--save", ck, "--no-save-universal")
     assert r.returncode == 0, r.stderr[-3000:]
     f = ck / "iter_0000002" / "mp_rank_00_model_states.pt"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    err = _one_error(_run(*TRAIN[:-1], "4", "--load", ck))
+    err = one_error(run_python(*TRAIN[:-1], "4", "--load", ck))
     assert "is damaged" in err and "mp_rank_00_model_states.pt" in err, err
