@@ -59,13 +59,25 @@ def expected_count(path: str, _cache: Dict[str, Dict[str, int]] = {}) -> Optiona
         return None
 
 
+def _has_end_marker(path: str) -> bool:
+    """Whether a tar ends with its end-of-archive marker (two zero 512-byte blocks, which every tar writer puts
+    there): a shard cut exactly between two members reads as complete to ``tarfile`` but lacks it."""
+    size = os.path.getsize(path)
+    if size < 1024:
+        return False
+    with open(path, "rb") as f:
+        f.seek(size - 1024)
+        return f.read(1024) == bytes(1024)
+
+
 def iter_tar_samples(path: str, on_error) -> Iterator[Dict[str, bytes]]:
     """Raw samples ``{"__key__", "__url__", ext: bytes}`` of one tar. Damage costs only what is damaged:
 
     * a member repeated within a sample: ``on_error("duplicate_member", path, exc)``; the sample keeps its first
       copy and the shard goes on (webdataset's grouping would raise and drop the rest of the shard);
-    * a missing/unreadable/truncated shard: ``on_error("bad_shard", path, exc)`` once and the shard ends (samples
-      before the damage are kept); when the shard's size is recorded (:func:`expected_count`), the samples it
+    * a missing/unreadable/truncated shard (a cut between two members too: no end-of-archive marker):
+      ``on_error("bad_shard", path, exc)`` once and the shard ends (samples before the damage are kept); when
+      the shard's size is recorded (:func:`expected_count`), the samples it
       lost are counted too: ``on_error("lost_sample", path, exc, n)``."""
     n, expected = 0, expected_count(path)
 
@@ -83,6 +95,8 @@ def iter_tar_samples(path: str, on_error) -> Iterator[Dict[str, bytes]]:
                 yield sample
         if expected is not None and n < expected:  # cut at a member boundary: tarfile sees a normal end
             raise EOFError(f"{path} ends after {n} of its {expected} samples")
+        if not _has_end_marker(path):
+            raise EOFError(f"{path} has no end-of-archive blocks (cut at a member boundary)")
     except (OSError, tarfile.TarError, EOFError, ValueError) as e:
         on_error("bad_shard", path, e)
         if expected is not None and expected > n:
