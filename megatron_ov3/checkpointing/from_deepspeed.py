@@ -91,14 +91,25 @@ def _reshaped(t: torch.Tensor, p: dict, iter_dir: str) -> torch.Tensor:
     return t.reshape(p["shape"]).float().contiguous()
 
 
+def _frozen_values(iter_dir: str, ranks: List[dict], params: List[dict]) -> Values:
+    """Parameters that do not train (``--freeze-encoder``): their value from the model states, no moments."""
+    if not params:
+        return {}
+    module = safe_torch_load(os.path.join(iter_dir, ranks[0]["model_file"]), "cpu")["module"]
+    return {p["name"]: {"": _reshaped(module[p["name"]], p, iter_dir)} for p in params}
+
+
 def _stage_tensors(iter_dir: str, shards: List[dict], stage: int, zero: int, steps: List[float]) -> dict:
     """``{global name[::state]: full tensor}`` of one pipeline stage, tensor-parallel shards concatenated."""
     per_tp, params = [], None
     for tp in sorted({s["tp"] for s in shards if s["pp"] == stage}):
         ranks = sorted((s for s in shards if s["pp"] == stage and s["tp"] == tp), key=lambda s: s["dp"])
         params = ranks[0]["params"]
+        trainable = [p for p in params if p.get("trainable", True)]
         read = _zero12_values if zero in (1, 2) else _zero0_values
-        per_tp.append(read(iter_dir, ranks, params, steps))
+        values = read(iter_dir, ranks, trainable, steps)
+        values.update(_frozen_values(iter_dir, ranks, [p for p in params if not p.get("trainable", True)]))
+        per_tp.append(values)
     tensors = {}
     for p in params:
         for k in per_tp[0][p["name"]]:

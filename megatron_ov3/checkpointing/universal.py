@@ -77,8 +77,8 @@ INDEX = "universal_index.json"
 
 def _shard_record(engine) -> dict:
     """What this rank's DeepSpeed files hold: its coordinates, its file names and (first data-parallel rank
-    only; the others hold the same parameters) every trainable parameter's local and global name, shape,
-    tensor-parallel dimension and optimizer-state index."""
+    only; the others hold the same parameters) every parameter's local and global name, shape, tensor-parallel
+    dimension, optimizer-state index and whether it trains (frozen ones are read from the model states)."""
     from megatron.core import parallel_state as ps
 
     rec = {"pp": ps.get_pipeline_model_parallel_rank(), "tp": ps.get_tensor_model_parallel_rank(),
@@ -90,8 +90,9 @@ def _shard_record(engine) -> dict:
     tp = ps.get_tensor_model_parallel_world_size()
     rec["params"] = [
         {"name": name, "global": global_name(name, offsets), "shape": list(p.shape), "opt_index": positions.get(id(p)),
-         "partition_dim": p.partition_dim if tp > 1 and getattr(p, "tensor_model_parallel", False) else None}
-        for name, p in model.named_parameters() if p.requires_grad]
+         "partition_dim": p.partition_dim if tp > 1 and getattr(p, "tensor_model_parallel", False) else None,
+         "trainable": p.requires_grad}
+        for name, p in model.named_parameters()]
     return rec
 
 
@@ -117,9 +118,10 @@ def save_universal(engine, directory: str, meta: dict) -> None:
     masters = fp32_masters(engine)
     tensors = {}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
         g = global_name(name, offsets)
+        if not p.requires_grad:  # frozen (e.g. --freeze-encoder): its value, no optimizer state
+            tensors[g] = _tp_gather(p.detach().float().cpu(), p)
+            continue
         for k, v in full_values(engine, p, masters).items():
             if v is None:
                 continue
@@ -196,8 +198,6 @@ def load_universal(engine, directory: str, load_optimizer: bool = True) -> dict:
         ensure_adam_state(engine)
         relink_optimizer_states(engine)
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
         if hasattr(p, "ds_id"):
             raise UsageError("universal checkpoints do not support ZeRO-3; resume with --zero-stage 1 or 2")
         g = global_name(name, offsets)
@@ -208,6 +208,10 @@ def load_universal(engine, directory: str, load_optimizer: bool = True) -> dict:
         if value.shape != p.shape:
             raise UsageError(f"universal checkpoint has {g} of shape {tuple(value.shape)}, this model needs "
                              f"{tuple(p.shape)} (different model size?)")
+        if not p.requires_grad:  # frozen: the value only (it is in no optimizer)
+            with torch.no_grad():
+                p.data.copy_(value.to(p.dtype))
+            continue
         master = masters.get(id(p), p)
         with torch.no_grad():
             p.data.copy_(value.to(p.dtype))

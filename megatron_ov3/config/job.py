@@ -144,6 +144,9 @@ class ParallelConfig:
             raise UsageError("--zero-stage 0 cannot be combined with pipeline parallelism (DeepSpeed's ZeRO-0 "
                              "gradient clipping counts only the first stage's replicated parameters); use "
                              "--zero-stage 1")
+        if model is not None and model.freeze_encoder and pp > 1:
+            raise UsageError("--freeze-encoder trains the decoder only; run it without pipeline parallelism "
+                             "(--pipeline-model-parallel-size 1; the decoder fits one stage)")
         if model is not None and model.encoder.depth < pp:
             raise UsageError(f"--pipeline-model-parallel-size {pp} exceeds the encoder's {model.encoder.depth} "
                              f"layers; use at most {model.encoder.depth} stages")

@@ -126,8 +126,29 @@ def cli_overrides(ns: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
     return out
 
 
-def read_file(path: str) -> Dict[str, Any]:
-    """A YAML (.yaml/.yml) or TOML (.toml) config file as a dict of sections."""
+def read_file(path: str, _seen: tuple = ()) -> Dict[str, Any]:
+    """A YAML (.yaml/.yml) or TOML (.toml) config file as a dict of sections. A top-level ``base: FILE``
+    (relative to this file) is read first and this file's values override it, section by section (the
+    ``env`` section too), so recipes share one source of their common values."""
+    data = _read_one(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise UsageError(f"--config {path!r}: base must be a file name, got {base!r}")
+    parent = os.path.join(os.path.dirname(path), base)
+    if os.path.abspath(parent) in _seen + (os.path.abspath(path),):
+        raise UsageError(f"--config {path!r}: base files form a cycle through {parent!r}")
+    merged = read_file(parent, _seen + (os.path.abspath(path),))
+    for section, values in data.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section] = {**merged[section], **values}
+        else:
+            merged[section] = values
+    return merged
+
+
+def _read_one(path: str) -> Dict[str, Any]:
     if not os.path.isfile(path):
         raise MissingFile(f"--config {path!r} does not exist; give a YAML or TOML file")
     ext = os.path.splitext(path)[1].lower()

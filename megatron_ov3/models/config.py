@@ -145,6 +145,11 @@ class OV3Config:
     """Weight of the captioning cross-entropy."""
     contrastive_weight: float = field(default=1.0, metadata=cli())
     """Weight of the CLIP contrastive loss."""
+    freeze_encoder: bool = field(default=False, metadata=cli())
+    """Reconstruction-only fine-tune (as RAE and the paper's generation experiments need): the encoder, the text
+    tower, the caption decoder and the logit scale are frozen (no gradients, no optimizer state) and the
+    understanding losses are not computed; only the ViT decoder trains, on latent/pixel L1 (+ LPIPS). Start it
+    from a trained run with ``--finetune-from``."""
     logit_scale_init: float = 1.0 / 0.07
     """Initial contrastive temperature scale (learned as its log)."""
     logit_scale_max: float = 100.0

@@ -74,6 +74,12 @@ class OV3Model(nn.Module):
             self.caption = CaptionDecoder(cfg, impl)
             # shape (1,), not 0-dim: DeepSpeed broadcasts parameters as byte views, which 0-dim tensors refuse
             self.logit_scale = nn.Parameter(torch.tensor([math.log(cfg.logit_scale_init)]))
+        if cfg.freeze_encoder:
+            for name, tower in self.named_children():
+                if name != "latent_decoder":
+                    tower.requires_grad_(False)
+            if post_process:
+                self.logit_scale.requires_grad_(False)
 
     # ---- frozen companions ----
     def to_frozen(self, device=None, dtype=None) -> "OV3Model":
@@ -114,12 +120,20 @@ class OV3Model(nn.Module):
         return self.logit_scale.exp().clamp(max=self.cfg.logit_scale_max)[0]
 
     # ---- optimizer facts ----
-    NO_WEIGHT_DECAY = ("pos_embed", "class_token", "registers")
-    """Name fragments of parameters exempt from weight decay besides every vector (biases, norms, logit scale)."""
+    DECAYED_LAYERS = ("Linear", "Conv")
+    """Class-name fragments of the layers whose weight matrices AdamW decays (torch ``nn.Linear``/``nn.Conv2d``,
+    megatron's ``ColumnParallelLinear``/``RowParallelLinear``, Transformer Engine's ``Linear``/``LayerNormLinear``):
+    as big_vision/OpenVision decay every Dense/Conv kernel and nothing else."""
 
     def no_weight_decay(self, name: str, param: torch.Tensor) -> bool:
-        """Whether AdamW's weight decay skips this parameter (the model names them; the optimizer asks)."""
-        return param.dim() < 2 or any(k in name for k in self.NO_WEIGHT_DECAY)
+        """Whether AdamW's weight decay skips this parameter (the model names them; the optimizer asks): all but
+        the weight matrices of linear and convolution layers, so biases, norms, the logit scale, token
+        embeddings, position tables, class and register tokens are exempt."""
+        if not hasattr(self, "_decayed"):
+            self._decayed = {
+                id(p) for module in self.modules() if any(k in type(module).__name__ for k in self.DECAYED_LAYERS)
+                for pname, p in module.named_parameters(recurse=False) if pname == "weight" and p.dim() >= 2}
+        return id(param) not in self._decayed
 
     # ---- training forward, in public sub-steps (the benchmark and evaluation call these) ----
     def reconstruction_losses(self, tokens: torch.Tensor, z: torch.Tensor,
@@ -186,14 +200,21 @@ class OV3Model(nn.Module):
         ``batch``: ``images`` (B,3,H,W) in [-1,1] and/or ``latents`` (B,16,H/8,W/8); ``text_ids`` (B,80);
         ``caption_ids`` (B,128); optional ``noise_seeds`` (B,) int64 for split-invariant decoder noise.
         Returns ``total_loss``, each loss by name (see ``LOSS_NAMES``) and metrics (``contrastive_acc_i2t``,
-        ``contrastive_acc_t2i``, ``logit_scale``, ``caption_tokens``).
+        ``contrastive_acc_t2i``, ``logit_scale``, ``caption_tokens``, ``encoder_token_rms``: the RMS of the
+        encoder's output tokens, the scale the decoder noise sigma ~ U[0, tau] is to be read against). With
+        ``freeze_encoder`` only the reconstruction losses.
         """
         # under pipeline parallelism the first stage needs z as input and the last as reconstruction target
         z = self.latents_of(batch) if (self.pre_process or self.post_process) else None
-        enc = self.encoder(z if self.pre_process else None)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.freeze_encoder):
+            enc = self.encoder(z if self.pre_process else None)
         if not self.post_process:
             return enc  # [s, b, h] activations for the next pipeline stage
         out = self.reconstruction_losses(enc.tokens, z, batch)
+        out["encoder_token_rms"] = enc.tokens.detach().float().pow(2).mean().sqrt()  # the noise sigma's reference
+        if self.cfg.freeze_encoder:
+            out["total_loss"] = self.cfg.reconstruction_weight * out.pop("reconstruction_loss")
+            return out
         out.update(self.contrastive_losses(enc, batch))
         out.update(self.caption_losses(enc, batch))
         total = self.total_loss(out)

@@ -126,14 +126,14 @@ _CACHE = {}
 
 
 def _straight_and_saved(layout, init, tmp_path_factory):
-    """4 uninterrupted steps at ``layout``, and a checkpoint saved after step 2 at ``layout`` (cached)."""
+    """4 uninterrupted steps at ``layout`` saving after steps 2 and 4, with ``latest`` then pointed back at step 2
+    (what a user does to resume from an earlier checkpoint): the reference and the checkpoint in one run (cached)."""
     if layout not in _CACHE:
         d = tmp_path_factory.mktemp(f"save_{layout}")
         n, f = _flags(layout)
-        port = free_port()
-        straight, _ = _run(n, port, d / "a.jsonl", "--train-iters", 4, "--init-universal", init, *f)
-        _run(n, free_port(), d / "b.jsonl", "--train-iters", 4, "--exit-interval", 2, "--save", d / "ck",
-             "--init-universal", init, *f)
+        straight, _ = _run(n, free_port(), d / "a.jsonl", "--train-iters", 4, "--save-interval", 2, "--save",
+                           d / "ck", "--init-universal", init, *f)
+        (d / "ck" / "latest").write_text("iter_0000002")
         _CACHE[layout] = (straight, d)
     return _CACHE[layout]
 

@@ -146,9 +146,13 @@ def test_model_names_its_no_weight_decay_parameters(mp1):
     decay, no_decay = param_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     exempt = {names[id(p)] for p in no_decay["params"]}
-    assert {"encoder.pos_embed", "encoder.class_token", "logit_scale"} <= exempt
+    assert {"encoder.pos_embed", "encoder.class_token", "logit_scale", "text.token_embedding.weight",
+            "caption.token_embedding.weight"} <= exempt
+    decayed = {names[id(p)] for p in decay["params"]}
     assert all(p.dim() >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
-    assert not any("pos_embed" in names[id(p)] for p in decay["params"])
+    assert {"encoder.patch_embed.weight", "encoder.proj.weight", "caption.lm_head.weight",
+            "encoder.block.layers.0.self_attention.linear_qkv.weight", "text.proj.weight"} <= decayed
+    assert not any("pos_embed" in n or "embedding" in n for n in decayed)
 
 
 @pytest.mark.parametrize("recipe,env", [
@@ -230,3 +234,16 @@ def test_a_file_where_a_checkpoint_folder_belongs(tmp_path):
     f.write_text("x")
     with pytest.raises(UsageError, match="--load .* is a file; give the checkpoint folder"):
         parse_job(BASE + ["--load", str(f)], environ={})[0].validate(1)
+
+
+def test_a_file_can_give_the_caption_decoder_the_text_towers_full_depth():
+    """OpenVision 2's caption decoder has the text tower's depth; the registry's is half (CoCa's split): one
+    field in a config file changes it and every other tower value stays the size's."""
+    from megatron_ov3.config.job import resolve
+    from megatron_ov3.models import get_config
+
+    job = resolve({"model": {"size": "B", "caption": {"depth": 12}}, "data": {"mock_data": True}},
+                  tokenizer_vocab=False)
+    base = get_config("B")
+    assert job.model.caption.depth == job.model.text.depth == 12 and base.caption.depth == 6
+    assert (job.model.caption.width, job.model.caption.heads) == (base.caption.width, base.caption.heads)

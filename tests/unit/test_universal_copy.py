@@ -9,7 +9,7 @@ import pytest
 import torch
 
 
-def _engine(bf16: bool, seed: int, zero: int = 0):
+def _engine(bf16: bool, seed: int, zero: int = 0, freeze_first: bool = False):
     import deepspeed
     import torch.distributed as dist
 
@@ -18,7 +18,9 @@ def _engine(bf16: bool, seed: int, zero: int = 0):
     m = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.GELU(), torch.nn.Linear(16, 1))
     if bf16:
         m = m.to(torch.bfloat16)
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.0)
+    if freeze_first:  # as --freeze-encoder leaves towers without gradients or optimizer state
+        m[0].requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
     cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "train_batch_size": 4,
            "gradient_clipping": 1.0, "zero_optimization": {"stage": zero}, "bf16": {"enabled": bf16},
            "zero_allow_untested_optimizer": True, "steps_per_print": 1 << 30}
@@ -65,23 +67,30 @@ def test_zero0_universal_round_trip_reaches_fp32_masters(mp1, tmp_path, bf16):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("zero,bf16", [(0, False), (0, True), (1, False), (1, True), (2, True)])
-def test_copy_from_deepspeed_files_equals_live_gather(mp1, tmp_path, zero, bf16):
+@pytest.mark.parametrize("zero,bf16,frozen", [(0, False, False), (0, True, False), (1, False, False),
+                                              (1, True, False), (2, True, False), (1, False, True), (0, True, True)])
+def test_copy_from_deepspeed_files_equals_live_gather(mp1, tmp_path, zero, bf16, frozen):
     from safetensors.torch import load_file
 
     from megatron_ov3.checkpointing import from_deepspeed, universal
 
     dtype = torch.bfloat16 if bf16 else torch.float32
-    engine = _engine(bf16, seed=0, zero=zero)
+    engine = _engine(bf16, seed=0, zero=zero, freeze_first=frozen)
     for _ in range(3):
         _step(engine, dtype)
     live = tmp_path / "live"
     universal.save_universal(engine, str(live), {"iteration": 3})
     engine.save_checkpoint(str(tmp_path / "ck"), tag="iter_0000003", save_latest=False)
-    universal.write_index(engine, str(tmp_path / "ck" / "iter_0000003"), {"iteration": 3, "zero_stage": zero})
+    universal.write_index(engine, str(tmp_path / "ck" / "iter_0000003"), {"iteration": 3, "zero_stage": zero,
+                          "pipeline_stages": 1, "tensor_parallel": 1, "data_parallel": 1})
     out = from_deepspeed.to_universal(str(tmp_path / "ck" / "iter_0000003"), log=lambda *_: None)
     a, b = load_file(str(live / "universal" / "stage0.safetensors")), load_file(os.path.join(out, "stage0.safetensors"))
-    assert sorted(a) == sorted(b) and len(a) == 3 * 4  # 4 parameters, each with value + 2 moments
+    # 4 parameters, each with value + 2 moments; a frozen one has its value only
+    assert sorted(a) == sorted(b) and len(a) == (3 * 2 + 2 if frozen else 3 * 4)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    if frozen:
+        fresh = _engine(bf16, seed=1, zero=zero, freeze_first=True)
+        universal.load_universal(fresh, out)
+        assert torch.equal(fresh.module[0].weight, engine.module[0].weight)  # the frozen weight is restored
     assert universal.read_meta(out)["optimizer_step"] == universal.read_meta(str(live / "universal"))["optimizer_step"]
