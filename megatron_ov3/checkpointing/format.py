@@ -48,8 +48,8 @@ _OWN = re.compile(r"^(latest(\.tmp)?|iter_\d{7,}(\.partial|\.old)?|zero_to_fp32\
 
 def check_save_folder(directory: str, run_outputs=()) -> None:
     """``--save`` must be new, empty, or a checkpoint folder (``latest``, ``iter_*``, DeepSpeed's helper
-    scripts, in-training evaluation's ``eval/``), plus this run's own outputs inside it (``run_outputs``: e.g. its tensorboard folder); anything else
-    is refused, so checkpoints never mix with (or prune) other files."""
+    scripts, in-training evaluation's ``eval/``), plus this run's own outputs inside it (``run_outputs``: e.g.
+    its tensorboard folder); anything else is refused, so checkpoints never mix with (or prune) other files."""
     if not os.path.isdir(directory):
         return
     mine = {os.path.relpath(os.path.abspath(p), os.path.abspath(directory)).split(os.sep)[0] for p in run_outputs if p}
