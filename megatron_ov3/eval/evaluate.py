@@ -50,10 +50,11 @@ def evaluate(model, batches, device, tokenizer=None, classnames: Optional[Sequen
         if "images" not in batch:
             raise UsageError("evaluation needs image shards (reconstruction is measured in pixels)")
         x = batch["images"]
-        enc = model.encode_image(images=x)
+        z = model.latents_of({"images": x})  # encoded once, for OV3 and for the VAE on its own
+        enc = model.encode_image(latents=z)
         z_hat = model.predict_latents(enc.tokens)
         x_hat = model.vae.decode(z_hat).clamp(-1, 1)
-        x_vae = model.vae.decode(model.vae.encode(x)).clamp(-1, 1)  # the ceiling: the frozen VAE on its own
+        x_vae = model.vae.decode(z).clamp(-1, 1)  # the ceiling: the frozen VAE on its own
         acc["psnr"].append(M.psnr(x_hat, x).cpu())
         acc["ssim"].append(M.ssim(x_hat, x).cpu())
         acc["vae_psnr"].append(M.psnr(x_vae, x).cpu())
