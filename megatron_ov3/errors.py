@@ -10,3 +10,9 @@ class UsageError(ValueError):
 
 class MissingFile(UsageError, FileNotFoundError):
     """A file or folder the user named does not exist (still a ``FileNotFoundError`` for callers)."""
+
+
+def short_repr(value, limit: int = 80) -> str:
+    """``repr(value)`` cut to fewer than ``limit`` characters (with "..."), for one-line error messages."""
+    text = repr(value)
+    return text if len(text) < limit else text[:limit - 3] + "..."

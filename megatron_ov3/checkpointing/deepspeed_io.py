@@ -227,8 +227,6 @@ def adam_steps(engine) -> Optional[int]:
     return int(max(steps)) if steps else None
 
 
-
-
 def file_names(engine) -> dict:
     """The names DeepSpeed gives this rank's files in a checkpoint folder: the model states (written by the first
     data-parallel rank of each model-parallel rank) and, under ZeRO-1/2, this rank's optimizer partition."""

@@ -109,8 +109,6 @@ def prune(directory: str, keep_last: int, current: str) -> None:
             shutil.rmtree(os.path.join(directory, t), ignore_errors=True)
 
 
-
-
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

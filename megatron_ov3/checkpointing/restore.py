@@ -5,7 +5,7 @@ import json
 import os
 from typing import Callable, Optional
 
-from ..errors import MissingFile, UsageError
+from ..errors import MissingFile, UsageError, short_repr
 from . import deepspeed_io, universal
 from . import format as fmt
 
@@ -94,13 +94,8 @@ def check_same_model(iter_dir: str, cfg, flag: str) -> None:
         if field in saved and field in mine and saved[field] != mine[field]:
             how = INIT_FIELDS.get(field) or ("--model-size" if field in SHAPE_FIELDS[:4] else f"the {field}")
             raise UsageError(f"{flag} {iter_dir} holds an OV3-{saved.get('size', '?')} model and this run builds "
-                             f"OV3-{mine.get('size', '?')}: {field} is {_short(saved[field])} there, "
-                             f"{_short(mine[field])} here; set {how} to match the checkpoint")
-
-
-def _short(v) -> str:
-    text = repr(v)
-    return text if len(text) <= 90 else text[:87] + "..."
+                             f"OV3-{mine.get('size', '?')}: {field} is {short_repr(saved[field], 90)} there, "
+                             f"{short_repr(mine[field], 90)} here; set {how} to match the checkpoint")
 
 
 def _sync_lr(engine) -> None:

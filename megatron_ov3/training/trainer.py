@@ -19,7 +19,7 @@ from .. import parallel
 from ..checkpointing import deepspeed_io, restore, universal
 from ..checkpointing import format as ckpt_format
 from ..config.job import BatchPlan, JobConfig
-from ..errors import UsageError
+from ..errors import UsageError, short_repr
 from ..models.accounting import step_flops_per_sample
 from ..models.specs import resolve_backend
 from ..parallel.build_lock import clear_stale_build_locks
@@ -90,13 +90,8 @@ def check_ranks_agree(facts: dict) -> None:
             if mine[key] != ref[key]:
                 what = key if key != "job" else "the resolved job configuration (different flags or files)"
                 raise UsageError(f"rank {rank} on {host} disagrees with rank 0 on {host0} about {what}: "
-                                 f"{_short(mine[key])} vs {_short(ref[key])}; install the same software and "
+                                 f"{short_repr(mine[key])} vs {short_repr(ref[key])}; install the same software and "
                                  f"launch the same command on every host")
-
-
-def _short(v) -> str:
-    text = repr(v)
-    return text if len(text) < 80 else text[:77] + "..."
 
 
 class Trainer:
