@@ -3,10 +3,14 @@
 
 Resumable (finished shards are skipped), atomic per shard, and parallel: run one process per GPU with
 torchrun (RANK/WORLD_SIZE) or pass --rank/--world-size; processes take disjoint shards."""
+import dataclasses
 import os
 
 import _bootstrap  # noqa: F401
 from megatron_ov3.cli import Parser, UsageError, exit_with
+from megatron_ov3.data.pipeline import DataConfig
+
+DATA_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DataConfig)}
 
 
 def main(argv=None):
@@ -27,11 +31,21 @@ def main(argv=None):
     p.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)))
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when available, else cpu")
     p.add_argument("--bf16", action="store_true", help="run the VAE in bfloat16")
+    g = p.add_argument_group("augmented views (a latent cannot be augmented after encoding)")
+    g.add_argument("--augment-views", type=int, default=0, help="cache N augmented views per image (training "
+                   "draws one per epoch; needs training with augmentation on); 0: one centre crop (train with "
+                   "--no-augment)")
+    for name in ("crop_min_area", "color_jitter", "grayscale_prob", "seed"):
+        g.add_argument("--" + name.replace("_", "-"), type=type(DATA_DEFAULTS[name]), default=DATA_DEFAULTS[name],
+                       help=f"seed of the views (default {DATA_DEFAULTS[name]})" if name == "seed" else
+                       f"as training's flag (default {DATA_DEFAULTS[name]}); must match it")
     args = p.parse_args(argv)
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.image_size % 16:
         raise UsageError(f"--image-size {args.image_size} is not a multiple of 16")
+    if args.augment_views < 0:
+        raise UsageError(f"--augment-views must be >= 0, got {args.augment_views}")
     if not 0 <= args.rank < args.world_size:
         raise UsageError(f"--rank {args.rank} must lie in [0, --world-size {args.world_size})")
     import torch
@@ -47,8 +61,10 @@ def main(argv=None):
     model = FrozenVAE.tiny(**kw) if args.tiny_vae else FrozenVAE.from_pretrained(args.vae_path, **kw)
     if args.bf16:
         model = model.to(torch.bfloat16)
+    aug = DataConfig(crop_min_area=args.crop_min_area, color_jitter=args.color_jitter,
+                     grayscale_prob=args.grayscale_prob).augmentation() if args.augment_views else None
     stats = cache_latents(args.data_path, args.output_dir, model, args.image_size, args.batch_size,
-                          args.rank, args.world_size, device)
+                          args.rank, args.world_size, device, views=args.augment_views, aug=aug, seed=args.seed)
     print(f"rank {args.rank}: {stats}")
 
 

@@ -50,10 +50,10 @@ def main(argv=None):
     model, _ = load_model(args.load, vae_path=args.vae_path, weights=not args.untrained)
     model.to(device).to_frozen(device)
     tok = Tokenizer(args.tokenizer)
-    data = DataIterator(DataConfig(data_path=args.data_path, tokenizer=args.tokenizer, epochs=1, drop_last=False,
-                                   micro_batch_size=args.micro_batch_size, image_size=model.cfg.image_size,
-                                   num_workers=args.num_workers, shuffle_buffer=0, seed=args.seed,
-                                   text_length=model.cfg.text_context_length, caption_length=model.cfg.caption_length),
+    data = DataIterator(DataConfig(tokenizer=args.tokenizer, micro_batch_size=args.micro_batch_size,
+                                   image_size=model.cfg.image_size, num_workers=args.num_workers, seed=args.seed,
+                                   text_length=model.cfg.text_context_length, caption_length=model.cfg.caption_length)
+                        .for_evaluation(args.data_path),
                         dist.get_rank(), dist.get_world_size())
     res = evaluate(model, data, device, tok, classnames, templates,
                    lpips=LPIPS.from_file(args.lpips_path).to(device) if args.lpips_path else None,

@@ -25,11 +25,12 @@ Bad data
 from __future__ import annotations
 
 import hashlib
-import io
 import itertools
 import os
 import random
+import re
 import zlib
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional
 
@@ -39,9 +40,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import MissingFile, UsageError
 from ..options import cli
+from .images import TOO_LARGE, Augment, decode_image, to_rgb  # noqa: F401 (decode_image, to_rgb: public here)
 from .shards import (LATENT_MANIFEST, caption_of, decode_latent, expand_urls, image_bytes, iter_tar_samples,
-                     sample_kind)
+                     recaption_of, sample_kind)
 
+TEXT_CHOICES = ("alt", "recap-sentence", "alt-or-recap-sentence")
 REASONS = ("bad_shard", "bad_image", "missing_image", "missing_caption", "empty_caption", "bad_latent", "wrong_kind",
            "duplicate_member", "lost_sample", "too_large")
 
@@ -75,9 +78,28 @@ class DataConfig:
     """With ``epochs``: drop each worker's final partial batch (fixed shapes for training); evaluation keeps it,
     so every held-out sample counts whatever the process and worker counts."""
     seed: int = 1234
-    """Seed of shard permutations, source mixing, shuffling and random crops."""
-    random_crop: bool = False
-    """Random instead of center crop after the shorter-side resize."""
+    """Seed of shard permutations, source mixing, shuffling, augmentation and caption sampling."""
+    augment: bool = field(default=True, metadata=cli())
+    """Training augmentation as OpenVision's configs: inception crop, then SimCLR colour jitter and grayscale
+    (megatron_ov3/data/images.py), seeded per sample and epoch. --no-augment: shorter-side resize and centre
+    crop, which evaluation always uses."""
+    crop_min_area: float = field(default=0.4, metadata=cli())
+    """Inception crop: the smallest crop as a fraction of the image area (OpenVision's area_min=40); aspect
+    ratio 3/4..4/3; resampled bilinear, antialiased."""
+    color_jitter: float = field(default=0.4, metadata=cli())
+    """SimCLR colour-jitter strength s (OpenVision's jitter_strength=0.4): brightness, contrast and saturation
+    factors in [1-0.8s, 1+0.8s] and a hue shift in [-0.2s, 0.2s], in a random order, with probability 0.8;
+    0: no jitter."""
+    grayscale_prob: float = field(default=0.2, metadata=cli())
+    """Probability that a training view is made grayscale (SimCLR and OpenVision: 0.2)."""
+    text_encoder_caption: str = field(default="alt", metadata=cli(choices=TEXT_CHOICES))
+    """Two-caption data (Recap-DataComp: alt-text in KEY.txt, recaption in KEY.json): what the contrastive
+    text tower reads. 'alt': the alt-text (OpenVision's txt_key1='txt'); 'recap-sentence': one random sentence
+    of the recaption (CLIPS' sub-caption sampling); 'alt-or-recap-sentence': either, with equal chance per
+    sample. The caption decoder always reads the full recaption; one-caption data feeds its caption to both."""
+    recaption_key: str = field(default="re_caption", metadata=cli())
+    """Field of KEY.json that holds the recaption (Recap-DataComp-1B's column, kept by img2dataset's
+    --save_additional_columns '["re_caption"]')."""
     max_image_pixels: int = field(default=64_000_000, metadata=cli())
     """Skip (count as ``too_large``) images with more pixels than this, read from the header before decoding
     (a 121-megapixel decompression bomb would otherwise take ~0.5 GB per loader worker)."""
@@ -97,6 +119,11 @@ class DataConfig:
             raise UsageError("--shuffle-buffer must be >= 0")
         if self.max_image_pixels < 1:
             raise UsageError(f"--max-image-pixels must be >= 1, got {self.max_image_pixels}")
+        if not 0 < self.crop_min_area <= 1:
+            raise UsageError(f"--crop-min-area must lie in (0, 1], got {self.crop_min_area}")
+        for flag, v in (("--color-jitter", self.color_jitter), ("--grayscale-prob", self.grayscale_prob)):
+            if not 0 <= v <= 1:
+                raise UsageError(f"{flag} must lie in [0, 1], got {v}")
         if self.data_path is None:
             return
         sources = self.data_path.split("::")
@@ -109,7 +136,23 @@ class DataConfig:
                 raise UsageError("--data-weights must all be > 0")
 
 
-def _rng(*parts) -> random.Random:
+    def for_evaluation(self, data_path: str, **overrides) -> "DataConfig":
+        """The held-out stream: one pass in shard order, every sample (partial batches kept), centre crops and the
+        alt-text for the text tower, whatever the training's augmentation and caption choice."""
+        values = dict(data_path=data_path, epochs=1, drop_last=False, shuffle_buffer=0, data_weights=None,
+                      resample=False, augment=False, text_encoder_caption="alt")
+        values.update(overrides)
+        return dataclasses.replace(self, **values)
+
+    def augmentation(self) -> Optional[Augment]:
+        """The training views' parameters, or None (centre crop)."""
+        if not self.augment:
+            return None
+        return Augment(min_area=self.crop_min_area, jitter=self.color_jitter, grayscale_prob=self.grayscale_prob)
+
+
+def seeded_rng(*parts) -> random.Random:
+    """A generator seeded by the SHA-256 of ``parts`` (the same on every host, process and Python run)."""
     digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
     return random.Random(int.from_bytes(digest[:8], "little"))
 
@@ -163,7 +206,7 @@ class ShardStream(IterableDataset):
         shards = self.sources[s]
         cfg = self.cfg
         if cfg.resample:
-            rng = _rng(cfg.seed, "resample", s, self.dp_rank, w)
+            rng = seeded_rng(cfg.seed, "resample", s, self.dp_rank, w)
             empty = 0
             for draw in itertools.count():
                 url = shards[rng.randrange(len(shards))]
@@ -180,7 +223,7 @@ class ShardStream(IterableDataset):
         epochs = itertools.count() if cfg.epochs is None else range(cfg.epochs)
         for epoch in epochs:
             order = list(shards)
-            _rng(cfg.seed, "shards", s, epoch).shuffle(order)
+            seeded_rng(cfg.seed, "shards", s, epoch).shuffle(order)
             mine, n = order[slot::stride], 0
             for url in mine:
                 for smp in iter_tar_samples(url, on_error):
@@ -196,12 +239,12 @@ class ShardStream(IterableDataset):
         if len(streams) == 1:
             mixed = streams[0]
         else:
-            mixed = self._mix(streams, _rng(self.cfg.seed, "mix", self.dp_rank, w))
+            mixed = self._mix(streams, seeded_rng(self.cfg.seed, "mix", self.dp_rank, w))
         size = self.cfg.shuffle_buffer
         if size <= 1:
             yield from mixed
             return
-        rng = _rng(self.cfg.seed, "shuffle", self.dp_rank, w)
+        rng = seeded_rng(self.cfg.seed, "shuffle", self.dp_rank, w)
         buf: List[dict] = []
         for smp in mixed:
             if len(buf) < size:
@@ -223,6 +266,10 @@ class ShardStream(IterableDataset):
                 active.remove(s)
 
     # ---- decoding ----
+    def _sample_rng(self, smp: dict, what: str) -> random.Random:
+        """A generator for one sample, epoch and purpose: independent of the data split and of the resume."""
+        return seeded_rng(self.cfg.seed, what, smp["__url__"], smp["__key__"], smp["__epoch__"])
+
     def _decode(self, smp: dict, count):
         cfg = self.cfg
         kind = sample_kind(smp)
@@ -230,44 +277,55 @@ class ShardStream(IterableDataset):
             return count("missing_image")
         if kind != self.kinds[smp["__source__"]]:
             return count("wrong_kind")
-        caption = caption_of(smp)
-        if caption is None:
+        caption, recap = caption_of(smp), recaption_of(smp, cfg.recaption_key)
+        if caption is None and recap is None:
             return count("missing_caption")
-        caption = caption.strip()
+        caption = (caption or "").strip() or recap
         if not caption:
             return count("empty_caption")
         out = {}
         if kind == "image":
-            img = decode_image(image_bytes(smp), cfg.image_size,
-                               _rng(cfg.seed, "crop", smp["__url__"], smp["__key__"], smp["__epoch__"])
-                               if cfg.random_crop else None, max_pixels=cfg.max_image_pixels)
+            aug = cfg.augmentation()
+            img = decode_image(image_bytes(smp), cfg.image_size, aug, self._sample_rng(smp, "view") if aug else None,
+                               max_pixels=cfg.max_image_pixels)
             if img is TOO_LARGE:
                 return count("too_large")
             if img is None:
                 return count("bad_image")
             out["images"] = img
         else:
-            try:
-                lat = decode_latent(smp["latent.npy"])
-            except Exception:
+            lat = self._latent(smp)
+            if lat is None:
                 return count("bad_latent")
-            side = cfg.image_size // 8
-            if lat.ndim != 3 or lat.shape[1:] != (side, side):
-                raise UsageError(
-                    f"latent shard {smp['__url__']} holds latents of shape {lat.shape}, but this stage trains at "
-                    f"{cfg.image_size}px (expects (16, {side}, {side})); re-run tools/cache_latents.py "
-                    f"--image-size {cfg.image_size}"
-                )
-            out["latents"] = torch.from_numpy(lat.astype(np.float32))
+            out["latents"] = lat
         if "cls" in smp:  # class label (webdataset convention), used by zero-shot evaluation; -1: none
             try:
                 out["labels"] = torch.tensor(int(smp["cls"].decode().strip()))
             except ValueError:
                 out["labels"] = torch.tensor(-1)
-        out["text_ids"] = torch.from_numpy(self.tokenizer.encode(caption, cfg.text_length))
-        out["caption_ids"] = torch.from_numpy(self.tokenizer.encode(caption, cfg.caption_length))
+        text = text_tower_caption(caption, recap, cfg.text_encoder_caption, self._sample_rng(smp, "text"))
+        out["text_ids"] = torch.from_numpy(self.tokenizer.encode(text, cfg.text_length))
+        out["caption_ids"] = torch.from_numpy(self.tokenizer.encode(recap or caption, cfg.caption_length))
         out["noise_seeds"] = torch.tensor(noise_seed(cfg.seed, smp["__url__"], smp["__key__"], smp["__epoch__"]))
         return out
+
+    def _latent(self, smp: dict) -> Optional[torch.Tensor]:
+        """The cached latent (16, h, w); of a cache with augmented views (V, 16, h, w), the view this sample
+        and epoch draw. None when it cannot be read."""
+        try:
+            lat = decode_latent(smp["latent.npy"])
+        except Exception:
+            return None
+        side = self.cfg.image_size // 8
+        if lat.ndim not in (3, 4) or lat.shape[-2:] != (side, side):
+            raise UsageError(
+                f"latent shard {smp['__url__']} holds latents of shape {lat.shape}, but this stage trains at "
+                f"{self.cfg.image_size}px (expects (16, {side}, {side})); re-run tools/cache_latents.py "
+                f"--image-size {self.cfg.image_size}"
+            )
+        if lat.ndim == 4:
+            lat = lat[self._sample_rng(smp, "view").randrange(lat.shape[0])]
+        return torch.from_numpy(lat.astype(np.float32))
 
     def __iter__(self):
         info = get_worker_info()
@@ -315,6 +373,25 @@ class ShardStream(IterableDataset):
         return out
 
 
+def sentences(text: str) -> List[str]:
+    """The sentences of a caption (split after '.', '!' or '?' followed by white space)."""
+    parts = [p.strip() for p in _SENTENCE_END.split(text.strip())]
+    return [p for p in parts if p] or [text.strip()]
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def text_tower_caption(caption: str, recap: Optional[str], mode: str, rng: random.Random) -> str:
+    """What the contrastive text tower reads (see ``DataConfig.text_encoder_caption``): one-caption samples
+    (no recaption) always give their caption."""
+    if recap is None or mode == "alt":
+        return caption
+    if mode == "alt-or-recap-sentence" and rng.random() < 0.5:
+        return caption
+    return rng.choice(sentences(recap))
+
+
 def collate(samples: List[dict]) -> Dict[str, torch.Tensor]:
     """Stack samples into a batch. ``labels`` exists on some samples only when sources are mixed: the others get
     -1 (no label), so the batch keeps one label per image."""
@@ -325,62 +402,10 @@ def collate(samples: List[dict]) -> Dict[str, torch.Tensor]:
     return {k: torch.stack([b.get(k, none) if k == "labels" else b[k] for b in samples]) for k in keys}
 
 
-def to_rgb(im):
-    """PIL image -> 8-bit RGB. 16/32-bit grey (modes I;16*, I) is scaled to 8 bits, not clipped; transparent
-    images (RGBA, LA, P/L with transparency) are composited onto white, as Hugging Face image processors
-    (``do_convert_rgb``) do, so training and the exported processor see the same pixels."""
-    from PIL import Image
-
-    if im.mode.startswith("I"):
-        a = np.asarray(im).astype(np.float64)
-        peak = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
-        im = Image.fromarray(np.clip(a / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    if im.mode == "P" or (im.mode in ("L", "RGB") and "transparency" in im.info):
-        im = im.convert("RGBA")
-    if im.mode in ("RGBA", "LA", "PA"):
-        rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return im.convert("RGB")
-
-
-TOO_LARGE = object()  # decode_image's answer for an image over ``max_pixels``
-
-
 def source_kind(shards: List[str]) -> str:
     """'latent' when the source's shard folder holds a latent-cache manifest, else 'image'."""
     folder = os.path.dirname(os.path.abspath(shards[0])) if shards else ""
     return "latent" if os.path.isfile(os.path.join(folder, LATENT_MANIFEST)) else "image"
-
-
-def decode_image(data: bytes, size: int, rng: Optional[random.Random] = None,
-                 max_pixels: Optional[int] = None):
-    """Bytes -> (3, size, size) float in [-1, 1]: RGB, shorter side resized (bicubic), center/random crop.
-    None when the image cannot be decoded (corrupt or truncated); :data:`TOO_LARGE` when its header says it has
-    more than ``max_pixels`` pixels (nothing decoded)."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            if max_pixels is not None and im.size[0] * im.size[1] > max_pixels:
-                return TOO_LARGE
-            im.load()
-            im = to_rgb(im)
-            w, h = im.size
-            if w < 1 or h < 1:
-                return None
-            s = size / min(w, h)
-            nw, nh = max(size, round(w * s)), max(size, round(h * s))
-            im = im.resize((nw, nh), Image.BICUBIC)
-            if rng is None:
-                left, top = (nw - size) // 2, (nh - size) // 2
-            else:
-                left, top = rng.randint(0, nw - size), rng.randint(0, nh - size)
-            im = im.crop((left, top, left + size, top + size))
-            arr = np.asarray(im, dtype=np.uint8)
-    except Exception:
-        return None
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
 class DataIterator:

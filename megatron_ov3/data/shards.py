@@ -134,6 +134,19 @@ def caption_of(sample: Dict) -> Optional[str]:
     return None
 
 
+def recaption_of(sample: Dict, key: str = "re_caption") -> Optional[str]:
+    """The second caption of a two-caption sample: field ``key`` of ``KEY.json`` (img2dataset writes the
+    parquet's extra columns there); None when absent or empty."""
+    if "json" not in sample:
+        return None
+    try:
+        meta = json.loads(sample["json"])
+    except ValueError:
+        return None
+    value = meta.get(key) if isinstance(meta, dict) else None
+    return value.strip() if isinstance(value, str) and value.strip() else None
+
+
 def encode_latent(latent: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, latent.astype(np.float16), allow_pickle=False)

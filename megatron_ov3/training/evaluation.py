@@ -1,7 +1,6 @@
 """In-training evaluation on held-out shards (every data-parallel rank takes its share)."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
@@ -18,8 +17,7 @@ def evaluate_in_training(trainer, log) -> None:
     if ps.get_pipeline_model_parallel_world_size() > 1:
         log("note: in-training evaluation is skipped under pipeline parallelism; run tools/evaluate.py on a checkpoint")
         return
-    data_cfg = dataclasses.replace(job.data, data_path=job.eval.eval_data_path, epochs=1, drop_last=False,
-                                   num_workers=0, shuffle_buffer=0, data_weights=None, resample=False)
+    data_cfg = job.data.for_evaluation(job.eval.eval_data_path, num_workers=0)
     data = DataIterator(data_cfg, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
     classnames = read_lines(job.eval.eval_classnames, "--eval-classnames") if job.eval.eval_classnames else None
     res = evaluate(trainer.engine.module, data, trainer.device, Tokenizer(job.data.tokenizer), classnames,

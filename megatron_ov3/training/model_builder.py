@@ -21,7 +21,7 @@ def build_model_for_job(job: JobConfig, device: torch.device, log: Callable[[str
 
     vae = job.vae.build()
     if job.data.data_path:
-        check_latent_normalisation(job.data.data_path, vae, job.model.image_size)
+        check_latent_normalisation(job.data.data_path, vae, job.model.image_size, job.data.augmentation())
     model = build_model(job.model, job.layers, vae=vae)
     model.to_frozen(device)
     for line in apply_converters(model, job.layers, device):  # around the model: torchao float8, torch.compile
