@@ -14,7 +14,7 @@ $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[test,hf,fp8]"
+	$(PY) -m pip install -q -e ".[test,hf,fp8,data]"
 	touch $(STAMP)
 
 install: $(STAMP)

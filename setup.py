@@ -84,5 +84,7 @@ setup(
         "wandb": ["wandb"],
         "te": ["transformer-engine[pytorch]"],
         "fp8": ["torchao>=0.13"],
+        # the Recap-DataComp download path (examples/download_recap_datacomp.sh) and its offline test
+        "data": ["img2dataset>=1.45", "pyarrow"],
     },
 )

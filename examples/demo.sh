@@ -3,7 +3,8 @@
 #   1. synthetic shards (1-3 coloured shapes; captions say what and where; 24 colour x shape classes) + tokenizer
 #   2. a small VAE of the FLUX structure fitted to those images for VAE_SECONDS (tools/fit_vae.py) -- OV3 needs a
 #      *pretrained* frozen VAE, and with no FLUX download this is the honest stand-in (not a FLUX replacement)
-#   3. a tiny OV3 trained with that VAE frozen (--vae-path, FLUX's loading code) by 2 processes through the real
+#   3. a tiny OV3 (no augmentation: the captions name each shape's place and colour, which crops and colour jitter
+#      would contradict) trained with that VAE frozen (--vae-path, FLUX's loading code) by 2 processes through the real
 #      DeepSpeed launcher, then evaluated trained vs untrained on held-out shards
 #   4. the report: losses, VAE vs OV3 reconstruction, retrieval/zero-shot with chance, grid.png and curves.png
 set -euo pipefail
@@ -26,7 +27,7 @@ mkdir -p "$OUT"
 rm -rf "$OUT/checkpoints" "$OUT/metrics.jsonl" "$OUT/eval-trained" "$OUT/eval-untrained"
 DATA_PATH="$TRAIN" TOKENIZER="$OUT/tokenizer.model" CHECKPOINT_PATH="$OUT/checkpoints" \
   deepspeed --num_gpus 2 examples/pretrain_ov3_tiny.sh --train-iters "$ITERS" --no-tiny-vae --vae-path "$OUT/vae" \
-  --metrics-file "$OUT/metrics.jsonl" 2>&1 | grep -v -E "^\[20|FutureWarning|return func|warnings.warn|UserWarning"
+  --no-augment --metrics-file "$OUT/metrics.jsonl" 2>&1 | grep -v -E "^\[20|FutureWarning|return func|warnings.warn|UserWarning"
 for which in trained untrained; do
   python tools/evaluate.py --load "$OUT/checkpoints" --data-path "$OUT/heldout/synthetic-{00000..00003}.tar" \
     --tokenizer "$OUT/tokenizer.model" --classnames "$OUT/heldout/classes.txt" \

@@ -4,11 +4,13 @@ import os
 
 import _bootstrap  # noqa: F401
 from megatron_ov3.cli import Parser, exit_with
+from megatron_ov3.data.shards import RECAPTION_KEY
 from megatron_ov3.errors import MissingFile, UsageError
 
 
-def _captions_from_shards(spec, limit):
-    from megatron_ov3.data.shards import caption_of, expand_urls, iter_tar_samples
+def _captions_from_shards(spec, limit, recaption_key):
+    """Every caption of the shards: the alt-text and, in two-caption data, the recaption."""
+    from megatron_ov3.data.shards import caption_of, expand_urls, iter_tar_samples, recaption_of
 
     n = 0
     for source in expand_urls(spec):
@@ -16,12 +18,12 @@ def _captions_from_shards(spec, limit):
             if not os.path.isfile(url):
                 raise MissingFile(f"shard {url!r} does not exist")
             for smp in iter_tar_samples(url, lambda *a: None):
-                cap = caption_of(smp)
-                if cap:
-                    yield cap
-                    n += 1
-                    if limit and n >= limit:
-                        return
+                for cap in (caption_of(smp), recaption_of(smp, recaption_key)):
+                    if cap:
+                        yield cap
+                        n += 1
+                        if limit and n >= limit:
+                            return
 
 
 def main(argv=None):
@@ -33,6 +35,8 @@ def main(argv=None):
     p.add_argument("--vocab-size", type=int, default=32000)
     p.add_argument("--model-type", default="unigram", choices=["unigram", "bpe"])
     p.add_argument("--max-sentences", type=int, default=2_000_000)
+    p.add_argument("--recaption-key", default=RECAPTION_KEY, help="field of KEY.json holding a second caption, "
+                   "trained on too (default %(default)s, Recap-DataComp's)")
     args = p.parse_args(argv)
     from megatron_ov3.data.tokenizer import Tokenizer, train_tokenizer
 
@@ -41,7 +45,7 @@ def main(argv=None):
             raise MissingFile(f"--text-file {args.text_file!r} does not exist")
         texts = open(args.text_file, encoding="utf-8", errors="replace").read().splitlines()
     else:
-        texts = list(_captions_from_shards(args.data_path, args.max_sentences))
+        texts = list(_captions_from_shards(args.data_path, args.max_sentences, args.recaption_key))
     if not texts:
         raise UsageError("no captions found to train on")
     path = train_tokenizer(texts, args.output_prefix, args.vocab_size, args.model_type)

@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..errors import MissingFile, UsageError
 from ..options import cli
 from .images import TOO_LARGE, Augment, decode_image, to_rgb  # noqa: F401 (decode_image, to_rgb: public here)
-from .shards import (LATENT_MANIFEST, caption_of, decode_latent, expand_urls, image_bytes, iter_tar_samples,
+from .shards import (LATENT_MANIFEST, RECAPTION_KEY, caption_of, decode_latent, expand_urls, image_bytes, iter_tar_samples,
                      recaption_of, sample_kind)
 
 TEXT_CHOICES = ("alt", "recap-sentence", "alt-or-recap-sentence")
@@ -97,7 +97,7 @@ class DataConfig:
     text tower reads. 'alt': the alt-text (OpenVision's txt_key1='txt'); 'recap-sentence': one random sentence
     of the recaption (CLIPS' sub-caption sampling); 'alt-or-recap-sentence': either, with equal chance per
     sample. The caption decoder always reads the full recaption; one-caption data feeds its caption to both."""
-    recaption_key: str = field(default="re_caption", metadata=cli())
+    recaption_key: str = field(default=RECAPTION_KEY, metadata=cli())
     """Field of KEY.json that holds the recaption (Recap-DataComp-1B's column, kept by img2dataset's
     --save_additional_columns '["re_caption"]')."""
     max_image_pixels: int = field(default=64_000_000, metadata=cli())

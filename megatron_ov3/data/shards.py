@@ -134,7 +134,10 @@ def caption_of(sample: Dict) -> Optional[str]:
     return None
 
 
-def recaption_of(sample: Dict, key: str = "re_caption") -> Optional[str]:
+RECAPTION_KEY = "re_caption"  # Recap-DataComp-1B's recaption column, kept in KEY.json by img2dataset
+
+
+def recaption_of(sample: Dict, key: str = RECAPTION_KEY) -> Optional[str]:
     """The second caption of a two-caption sample: field ``key`` of ``KEY.json`` (img2dataset writes the
     parquet's extra columns there); None when absent or empty."""
     if "json" not in sample:

@@ -47,6 +47,9 @@ def test_paper_recipes_resolve_to_the_paper_settings(size, tokenizer):
         assert m["size"] == size and m["class_token"] and m["position_embedding_type"] == "learned"
         assert tree["vae"]["vae_shift_factor"] == 0.0 and tree["layers"]["bf16"]
         assert tree["checkpoint"]["load"] == tree["checkpoint"]["save"]
+        d = tree["data"]  # OpenVision's augmentation and caption routing
+        assert d["augment"] and (d["crop_min_area"], d["color_jitter"], d["grayscale_prob"]) == (0.4, 0.4, 0.2)
+        assert d["text_encoder_caption"] == "alt" and d["recaption_key"] == "re_caption"
     stage = lambda t: (t["model"]["image_size"], t["train"]["global_batch_size"], t["model"]["lpips_weight"])  # noqa
     assert stage(one) == (128, 8192, 0) and stage(two) == (256, 4096, 0.5)
     assert two["model"]["lpips_path"] == ENV["LPIPS_PATH"]
