@@ -117,9 +117,14 @@ def test_synthetic_tokenizer_cache_bench(tmp_path):
     with pytest.raises(ValueError, match="set --vae-shift-factor 0.1159"):
         check_latent_normalisation(lat, FrozenVAE.tiny(shift_factor=0.0), 32)
     rc, out, err = tool("bench_data.py", "--image-shards", spec, "--tokenizer", tmp_path / "tok.model",
-                        "--image-size", 32, "--micro-batch-size", 4, "--batches", 3, "--num-workers", 1, "--json")
+                        "--image-size", 32, "--micro-batch-size", 4, "--batches", 3, "--num-workers", 1, "--rounds",
+                        1, "--model-size", "B", "--json")
     assert rc == 0, err
-    assert json.loads(out.strip().splitlines()[-1])["image"]["samples_per_s"] > 0
+    res = json.loads(out.strip().splitlines()[-1])["image"]
+    ours, peer = res["ours"]["images_per_s_per_worker"], res["open_clip"]["images_per_s_per_worker"]
+    assert ours > 0 and peer > 0 and res["ratio"] == pytest.approx(ours / peer)
+    need = json.loads(out.strip().splitlines()[-1])["workers_per_gpu"]["B"]
+    assert need["workers"] == -(-need["planner_images_per_s_per_gpu"] // ours)
 
 
 def test_tool_bad_inputs(tmp_path):

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from megatron_ov3.data import DataConfig, DataIterator
-from megatron_ov3.data.images import Augment, color_jitter, crop_resize, decode_image, inception_box
+from megatron_ov3.data.images import (Augment, apply_jitter, apply_jitter_pil, color_jitter, crop_resize, decode_image,
+                                      inception_box, jitter_ops, planar, shift_hue)
 from megatron_ov3.data.synthetic import write_synthetic_shards
 from megatron_ov3.data.tokenizer import train_tokenizer
 
@@ -80,14 +81,32 @@ def test_crop_resize_is_bilinear_antialiased_and_jpeg_draft_keeps_pixels():
 
 
 def test_color_jitter_and_grayscale():
-    im = Image.new("RGB", (8, 8), (200, 40, 40))
-    grey = np.asarray(color_jitter(im, Augment(jitter=0.0, grayscale_prob=1.0), random.Random(0)))
-    assert (grey[..., 0] == grey[..., 1]).all() and (grey[..., 1] == grey[..., 2]).all()
-    same = color_jitter(im, Augment(jitter=0.0, grayscale_prob=0.0), random.Random(0))
-    assert np.array_equal(np.asarray(same), np.asarray(im))
-    changed = [np.abs(np.asarray(color_jitter(im, Augment(grayscale_prob=0.0), random.Random(i)), dtype=int) -
-                      np.asarray(im, dtype=int)).sum() > 0 for i in range(200)]
+    x = planar(Image.new("RGB", (8, 8), (200, 40, 40)))
+    grey = color_jitter(x, Augment(jitter=0.0, grayscale_prob=1.0), random.Random(0))
+    assert np.allclose(grey[0], grey[1]) and np.allclose(grey[1], grey[2])
+    assert np.allclose(grey[0], 0.299 * 200 + 0.587 * 40 + 0.114 * 40)
+    assert np.array_equal(color_jitter(x, Augment(jitter=0.0, grayscale_prob=0.0), random.Random(0)), x)
+    changed = [not np.array_equal(color_jitter(x, Augment(grayscale_prob=0.0), random.Random(i)), x)
+               for i in range(200)]
     assert 0.7 < np.mean(changed) < 0.9  # applied with probability 0.8
+    ops = jitter_ops(Augment(jitter=0.4, jitter_prob=1.0), random.Random(0))
+    assert sorted(o for o, _ in ops) == ["brightness", "contrast", "hue", "saturation"]
+    for name, f in ops:
+        assert abs(f) <= 0.08 if name == "hue" else 0.68 <= f <= 1.32  # SimCLR: 0.8s and 0.2s, s = 0.4
+    red = shift_hue(planar(Image.new("RGB", (2, 2), (255, 0, 0))), 1 / 3)  # a third of the circle: red -> green
+    assert np.allclose(red[:, 0, 0], [0, 255, 0], atol=1e-3)
+
+
+def test_float_jitter_matches_torchvision_pil_operations():
+    """Ours runs in float; torchvision's PIL path rounds to 8 bits after each operation (and quantises HSV): the
+    same operations, within rounding."""
+    im = Image.open(io.BytesIO(_jpeg(128, 96))).convert("RGB")
+    for name, f in (("brightness", 1.3), ("contrast", 0.7), ("saturation", 1.3), ("hue", 0.08)):
+        d = np.abs(apply_jitter(planar(im), [(name, f)]) - planar(apply_jitter_pil(im, [(name, f)])))
+        assert d.mean() < (1.0 if name == "hue" else 0.6) and (name == "hue" or d.max() <= 1.05), name
+    for i in range(50):
+        ops = jitter_ops(Augment(jitter_prob=1.0), random.Random(i))
+        assert np.abs(apply_jitter(planar(im), ops) - planar(apply_jitter_pil(im, ops))).mean() < 2.5
 
 
 def test_views_are_seeded_per_sample_and_differ_across_epochs(shards):
