@@ -6,8 +6,8 @@ shuffle -> decode 'pilrgb' -> rename -> map(preprocess, tokenize) -> tuple -> ba
 primitives, because open_clip imports torchvision, which does not import beside the CPU torch build this project
 pins. Its preprocess makes the PIL calls torchvision's would: RandomResizedCrop(scale=(0.4, 1), bilinear) as
 ``img.crop(box).resize(...)`` on the fully decoded image, ColorJitter(0.32, 0.32, 0.32, 0.08) p 0.8 and
-RandomGrayscale(0.2) through ImageEnhance and an 8-bit HSV hue shift, ToTensor + Normalize; it tokenizes one caption with the
-same sentencepiece model. Ours does the same stages plus a second caption, per-sample seeding, bad-data
+RandomGrayscale(0.2) through ImageEnhance and an 8-bit HSV hue shift, ToTensor + Normalize; it tokenizes one
+caption with the same sentencepiece model. Ours does the same stages plus a second caption, per-sample seeding, bad-data
 accounting and the resume position.
 
 ``--make-shards DIR`` first writes realistic JPEG shards (512px sources with 1/f "natural image" spectra, quality

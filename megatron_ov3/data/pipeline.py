@@ -41,8 +41,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..errors import MissingFile, UsageError
 from ..options import cli
 from .images import TOO_LARGE, Augment, decode_image, to_rgb  # noqa: F401 (decode_image, to_rgb: public here)
-from .shards import (LATENT_MANIFEST, RECAPTION_KEY, caption_of, decode_latent, expand_urls, image_bytes, iter_tar_samples,
-                     recaption_of, sample_kind)
+from .shards import (LATENT_MANIFEST, RECAPTION_KEY, caption_of, decode_latent, expand_urls, image_bytes,
+                     iter_tar_samples, recaption_of, sample_kind)
 
 TEXT_CHOICES = ("alt", "recap-sentence", "alt-or-recap-sentence")
 REASONS = ("bad_shard", "bad_image", "missing_image", "missing_caption", "empty_caption", "bad_latent", "wrong_kind",

@@ -83,7 +83,8 @@ def recap(tmp_path_factory):
                  "org_caption": [r["org_caption"] for r in rows], "re_caption": [r["re_caption"] for r in rows],
                  "sha256": [f"{i:064x}" for i in range(ROWS)]}
         pq.write_table(pa.table(table), d / "part-0.parquet")
-        env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"], URL_LIST=str(d / "part-0.parquet"), OUTPUT=str(d / "shards"), IMAGE_SIZE="64",
+        env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+                   URL_LIST=str(d / "part-0.parquet"), OUTPUT=str(d / "shards"), IMAGE_SIZE="64",
                    SAMPLES_PER_SHARD="5", PROCESSES="1", THREADS="4", TIMEOUT="5",
                    RETRIES="0")
         r = subprocess.run(["bash", "examples/download_recap_datacomp.sh"], cwd=ROOT, env=env, capture_output=True,
