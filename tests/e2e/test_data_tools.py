@@ -127,6 +127,18 @@ def test_synthetic_tokenizer_cache_bench(tmp_path):
     assert need["workers"] == -(-need["planner_images_per_s_per_gpu"] // ours)
 
 
+def test_bench_latent_crop_reports_both_targets(tmp_path):
+    from megatron_ov3.data.synthetic import write_synthetic_shards
+
+    write_synthetic_shards(str(tmp_path), 6, samples_per_shard=6, image_size=64, seed=0)
+    rc, out, err = tool("bench_latent_crop.py", "--data-path", tmp_path / "synthetic-00000.tar", "--tiny-vae",
+                        "--image-size", 32, "--num-images", 4, "--json")
+    assert rc == 0, err
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["images"] == 4 and res["cache_size"] == 64 and res["latent_rel_l1"] > 0
+    assert all(0 < res[k] < 100 for k in ("psnr_true_latent", "psnr_latent_crop"))
+
+
 def test_tool_bad_inputs(tmp_path):
     rc, _, err = tool("train_tokenizer.py", "--text-file", tmp_path / "none.txt", "--output-prefix", tmp_path / "t")
     assert_usage_error(rc, err, "does not exist")
