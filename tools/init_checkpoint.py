@@ -2,30 +2,42 @@
 """Write the initial weights of an OV3 model as a universal checkpoint folder (layout-independent).
 
 Any tensor/pipeline/data-parallel layout can then start from exactly these weights with
-``--init-universal DIR``; the parallel-equivalence tests use it to start every layout from one init."""
+``--init-universal DIR``; the parallel-equivalence tests use it to start every layout from one init. The model
+takes training's model flags (``--model-size``, ``--image-size``, ``--class-token``, ``--position-embedding-type``,
+``--register-tokens``, ...) or a recipe's ``model:`` section (``--config``), so an exportable checkpoint (e.g.
+the release-compatible encoder) can be made without training:
+
+  python tools/init_checkpoint.py --model-size B --class-token --position-embedding-type learned --output init/
+"""
 import _bootstrap  # noqa: F401
 from megatron_ov3.cli import Parser, exit_with
 
 
 def main(argv=None):
-    p = Parser(description=__doc__)
-    p.add_argument("--model-size", default="tiny")
-    p.add_argument("--image-size", type=int, default=256)
+    from megatron_ov3.config import tree as T
+    from megatron_ov3.models.config import OV3Config
+
+    p = Parser(description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="a recipe (YAML/TOML): its model: section is used")
     p.add_argument("--vocab-size", type=int, default=None, help="default: the size's registry value")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--output", required=True, help="folder to write (universal/ layout)")
+    T.add_flags(p, "model", OV3Config, "model (training's flags)", defaults={"size": "tiny"})
     args = p.parse_args(argv)
     import torch
 
     from megatron_ov3 import parallel
-    from megatron_ov3.models import build_model, get_config
     from megatron_ov3.checkpointing.universal import save_universal
+    from megatron_ov3.config.job import resolve_model
+    from megatron_ov3.models import build_model
 
-    parallel.initialize_model_parallel(1, 1, seed=args.seed)
-    kw = {"image_size": args.image_size}
+    raw = T.merge({"model": T.read_file(args.config).get("model", {})} if args.config else {},
+                  T.cli_overrides(args)).get("model", {})
     if args.vocab_size:
-        kw["vocab_size"] = args.vocab_size
-    model = build_model(get_config(args.model_size, **kw))
+        raw = dict(raw, vocab_size=args.vocab_size)
+    cfg = resolve_model(raw)
+    parallel.initialize_model_parallel(1, 1, seed=args.seed)
+    model = build_model(cfg)
     save_universal(model, args.output, {"iteration": 0, "consumed_samples": 0, "source": f"init seed {args.seed}",
                                         "model_config": model.cfg.to_dict()})
     print(f"wrote {args.output}/universal ({sum(p.numel() for p in model.parameters()):,} parameters)")

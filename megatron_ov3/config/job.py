@@ -310,7 +310,8 @@ class JobConfig:
         return self.parallel.batch_plan(self.train, world)
 
 
-def _model(raw: Mapping[str, Any], vocab: Optional[int]) -> OV3Config:
+def resolve_model(raw: Mapping[str, Any], vocab: Optional[int] = None) -> OV3Config:
+    """The model section: the size's registry config (``size``, default tiny), then the given fields."""
     values = dict(raw)
     size = values.pop("size", "tiny")
     if size not in SIZES:
@@ -341,7 +342,7 @@ def resolve(raw: Mapping[str, Mapping[str, Any]], where: str = "configuration",
         from ..data.tokenizer import Tokenizer
 
         vocab = Tokenizer(data_raw["tokenizer"]).vocab_size
-    model = _model(raw.get("model", {}), vocab)
+    model = resolve_model(raw.get("model", {}), vocab)
     train = TrainConfig(**raw.get("train", {}))
     data = DataConfig(**data_raw, micro_batch_size=train.micro_batch_size or 1, image_size=model.image_size,
                       seed=train.seed, text_length=model.text_context_length, caption_length=model.caption_length)

@@ -57,8 +57,8 @@ class OV3VisionTower(nn.Module):
 
     @torch.no_grad()
     def forward(self, images):
-        if isinstance(images, list):
-            return [self.forward(im.unsqueeze(0))[0] for im in images]
+        if isinstance(images, list):  # as CLIPVisionTower: one (1, N, C) per image
+            return [self.forward(im.unsqueeze(0)) for im in images]
         out = self.vision_tower(pixel_values=images.to(device=self.device, dtype=self.dtype),
                                 output_hidden_states=True)
         return self.feature_select(out).to(images.dtype)
@@ -85,7 +85,7 @@ class OV3VisionTower(nn.Module):
 
     @property
     def num_patches_per_side(self):
-        return self.config.image_size // self.config.pixels_per_token
+        return self.config.image_size // self.config.patch_size  # patch_size: pixels per token
 
     @property
     def num_patches(self):

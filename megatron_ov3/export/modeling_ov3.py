@@ -25,7 +25,8 @@ class OV3Config(PretrainedConfig):
     model_type = "ov3"
 
     def __init__(self, encoder=None, decoder=None, text=None, embed_dim=64, image_size=256, latent_channels=16,
-                 vae_downsample=8, patch_size=2, class_token=False, register_tokens=0, pos_embed_ref_grid=16,
+                 vae_downsample=8, patch_size=16, latent_patch_size=None, class_token=False, register_tokens=0,
+                 pos_embed_ref_grid=16,
                  pos_embed_type="sincos", final_ln_after_pool=True, layernorm_eps=1e-6, vocab_size=32000,
                  padded_vocab_size=32000,
                  text_context_length=80, pad_id=0, scaling_factor=0.3611, shift_factor=0.1159, **kwargs):
@@ -33,7 +34,15 @@ class OV3Config(PretrainedConfig):
         self.decoder = decoder
         self.text = text
         self.embed_dim, self.image_size = embed_dim, image_size
-        self.latent_channels, self.vae_downsample, self.patch_size = latent_channels, vae_downsample, patch_size
+        if latent_patch_size is None:  # exports before 2026-12 stored the latent patch (2) as patch_size
+            latent_patch_size, patch_size = patch_size, vae_downsample * patch_size
+        if patch_size != vae_downsample * latent_patch_size:
+            raise ValueError(f"patch_size {patch_size} (pixels per token) must be vae_downsample {vae_downsample} x "
+                             f"latent_patch_size {latent_patch_size}")
+        # patch_size: pixels per token, the name generic code reads (image_size // patch_size tokens per side);
+        # latent_patch_size: the encoder's patch over the VAE latent
+        self.latent_channels, self.vae_downsample = latent_channels, vae_downsample
+        self.patch_size, self.latent_patch_size = patch_size, latent_patch_size
         self.class_token, self.register_tokens = class_token, register_tokens
         self.pos_embed_ref_grid, self.final_ln_after_pool = pos_embed_ref_grid, final_ln_after_pool
         self.pos_embed_type = pos_embed_type
@@ -48,7 +57,7 @@ class OV3Config(PretrainedConfig):
 
     @property
     def pixels_per_token(self):
-        return self.vae_downsample * self.patch_size
+        return self.patch_size
 
     @property
     def num_prefix_tokens(self):
@@ -105,7 +114,7 @@ class VisionTower(nn.Module):
         super().__init__()
         w = c.encoder["width"]
         self.c = c
-        self.patch_embed = nn.Conv2d(c.latent_channels, w, c.patch_size, c.patch_size, bias=False)
+        self.patch_embed = nn.Conv2d(c.latent_channels, w, c.latent_patch_size, c.latent_patch_size, bias=False)
         self.class_token = nn.Parameter(torch.zeros(1, 1, w)) if c.class_token else None
         self.registers = nn.Parameter(torch.zeros(1, c.register_tokens, w)) if c.register_tokens else None
         learned = getattr(c, "pos_embed_type", "sincos") == "learned"
@@ -173,7 +182,7 @@ class LatentDecoderTower(nn.Module):
         self.in_proj = nn.Linear(c.encoder["width"], d)
         self.layers = _stack(c.decoder, c.layernorm_eps)
         self.final_norm = nn.LayerNorm(d, eps=c.layernorm_eps)
-        self.head = nn.Linear(d, c.patch_size ** 2 * c.latent_channels)
+        self.head = nn.Linear(d, c.latent_patch_size ** 2 * c.latent_channels)
 
     def forward(self, tokens):
         c = self.c
@@ -183,7 +192,7 @@ class LatentDecoderTower(nn.Module):
         for layer in self.layers:
             x = layer(x)
         x = self.head(self.final_norm(x)).float()
-        b, p, ch = x.shape[0], c.patch_size, c.latent_channels
+        b, p, ch = x.shape[0], c.latent_patch_size, c.latent_channels
         x = x.reshape(b, g, g, p, p, ch)
         return torch.einsum("bhwpqc->bchpwq", x).reshape(b, ch, g * p, g * p)
 

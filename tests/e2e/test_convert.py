@@ -124,6 +124,13 @@ def test_hf_llava_rae_parity(ckpt, tmp_path, mp1):
     tower.load_model()
     feats = tower(images)
     torch.testing.assert_close(feats, enc.hidden_states[-2][:, 1:], **TOL)  # class token dropped
+    assert not feats.requires_grad
+    per_image = tower([im for im in images])  # a list in, one (1, N, C) per image out, as CLIPVisionTower
+    assert [f.shape for f in per_image] == [(1, 4, 64)] * 2
+    torch.testing.assert_close(torch.cat(per_image), feats, **TOL)
+    # generic code reads image_size // patch_size tokens per side: patch_size is the pixel stride
+    assert tower.config.patch_size == 16 and tower.config.latent_patch_size == 2
+    assert tower.config.image_size // tower.config.patch_size == tower.num_patches_per_side
     assert tower.dummy_feature.shape == (1, 64) and tower.dtype == torch.float32
     tower.select_feature = "cls_patch"
     torch.testing.assert_close(tower(images), enc.hidden_states[-2], **TOL)
@@ -142,6 +149,8 @@ def test_hf_llava_rae_parity(ckpt, tmp_path, mp1):
     from transformers import AutoConfig
 
     assert AutoConfig.from_pretrained(str(out)).model_type == "ov3"  # no trust_remote_code (RAE's call)
+    legacy = type(hf.config)(patch_size=2)  # an export from before latent_patch_size: patch_size was the latent's
+    assert (legacy.patch_size, legacy.latent_patch_size) == (16, 2)
 
 
 def _open_clip_visual(sd, cfg, latents):
@@ -214,3 +223,18 @@ def test_convert_errors(tmp_path):
     assert r.returncode == 2 and "unknown --target 'onnx'" in r.stderr
     r = _convert("--import-open-clip", tmp_path, "--output", tmp_path / "o")
     assert r.returncode == 2 and "open_clip_config.json" in r.stderr
+
+
+def test_init_checkpoint_takes_the_encoder_options_and_exports(tmp_path):
+    """An exportable (release-layout) checkpoint without training: init_checkpoint.py takes training's model flags."""
+    init = tmp_path / "init"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "init_checkpoint.py"), "--image-size", "32",
+                        "--class-token", "--position-embedding-type", "learned", "--pos-embed-ref-grid", "2",
+                        "--output", init], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = json.load(open(init / "universal" / "meta.json"))["model_config"]
+    assert cfg["class_token"] and cfg["position_embedding_type"] == "learned" and cfg["image_size"] == 32
+    r = _convert("--load", init / "universal", "--target", "open_clip", "--output", tmp_path / "oc")
+    assert r.returncode == 0, r.stderr[-3000:]
+    sd = torch.load(tmp_path / "oc" / "open_clip_pytorch_model.bin", weights_only=True)
+    assert sd["visual.positional_embedding"].shape[0] == 1 + 2 * 2  # class row + the 2x2 learned table
