@@ -59,6 +59,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_ov3", "megatron_ov3.*"]),
+    package_data={"megatron_ov3.eval": ["data/*.tsv", "data/*.txt"]},
     cmdclass=CMDCLASS,
     install_requires=[
         "torch>=2.4",

@@ -6,7 +6,7 @@ import json
 import os
 
 import _bootstrap  # noqa: F401
-from megatron_ov3.cli import Parser, UsageError, exit_with
+from megatron_ov3.cli import Parser, exit_with
 
 
 def main(argv=None):
@@ -19,8 +19,10 @@ def main(argv=None):
     p.add_argument("--micro-batch-size", type=int, default=32)
     p.add_argument("--max-batches", type=int, default=None)
     p.add_argument("--num-workers", type=int, default=1)
-    p.add_argument("--classnames", default=None, help="file, one class name per line (label i = line i)")
-    p.add_argument("--templates", default=None, help="file of prompt templates with '{}' (default: 3 CLIP-style)")
+    p.add_argument("--classnames", default=None, help="'imagenet' (the shipped ImageNet-1k names) or a file, one class "
+                   "name per line (label i = line i), for the shards' KEY.cls labels")
+    p.add_argument("--templates", default=None, help="'clip' (CLIP's 80 ImageNet templates) or a file of prompt "
+                   "templates with '{}' (default: clip with --classnames imagenet, else 3 simple ones)")
     p.add_argument("--lpips-path", default=None, help="local LPIPS-VGG weights")
     p.add_argument("--inception-weights", default=None, help="local InceptionV3 weights for rFID (torch-fidelity)")
     p.add_argument("--output", required=True, help="folder for report.json and grid.png: new or empty, or an earlier "
@@ -33,17 +35,16 @@ def main(argv=None):
 
     from megatron_ov3 import parallel
     from megatron_ov3.data import DataConfig, DataIterator, Tokenizer
-    from megatron_ov3.eval.evaluate import DEFAULT_TEMPLATES, evaluate, format_table, read_lines, save_grid
+    from megatron_ov3.eval import classes
+    from megatron_ov3.eval.evaluate import evaluate, format_table, save_grid
     from megatron_ov3.eval.metrics import inception_feature_extractor
     from megatron_ov3.checkpointing import load_model
     from megatron_ov3.models.lpips import LPIPS
 
     from megatron_ov3.outputs import claim
 
-    classnames = read_lines(args.classnames, "--classnames") if args.classnames else None
-    templates = read_lines(args.templates, "--templates") if args.templates else DEFAULT_TEMPLATES
-    if any("{}" not in t for t in templates):
-        raise UsageError("every template needs a '{}' for the class name")
+    classnames = classes.classnames(args.classnames) if args.classnames else None
+    templates = classes.templates(args.templates, args.classnames)
     claim(args.output, "evaluate", "--output")
     parallel.initialize_model_parallel(1, 1, seed=args.seed)  # every rank holds the whole model
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")

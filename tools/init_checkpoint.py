@@ -16,6 +16,7 @@ from megatron_ov3.cli import Parser, exit_with
 def main(argv=None):
     from megatron_ov3.config import tree as T
     from megatron_ov3.models.config import OV3Config
+    from megatron_ov3.models.vae import VAEConfig
 
     p = Parser(description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="a recipe (YAML/TOML): its model: section is used")
@@ -23,6 +24,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--output", required=True, help="folder to write (universal/ layout)")
     T.add_flags(p, "model", OV3Config, "model (training's flags)", defaults={"size": "tiny"})
+    T.add_flags(p, "vae", VAEConfig, "frozen VAE (recorded for export and evaluation; optional)")
     args = p.parse_args(argv)
     import torch
 
@@ -31,15 +33,21 @@ def main(argv=None):
     from megatron_ov3.config.job import resolve_model
     from megatron_ov3.models import build_model
 
-    raw = T.merge({"model": T.read_file(args.config).get("model", {})} if args.config else {},
-                  T.cli_overrides(args)).get("model", {})
+    merged = T.merge({k: v for k, v in T.read_file(args.config).items() if k in ("model", "vae")}
+                     if args.config else {}, T.cli_overrides(args))
+    raw, vae = merged.get("model", {}), VAEConfig(**merged.get("vae", {}))
+    if vae.tiny_vae or vae.vae_path:
+        vae.validate()
     if args.vocab_size:
         raw = dict(raw, vocab_size=args.vocab_size)
     cfg = resolve_model(raw)
     parallel.initialize_model_parallel(1, 1, seed=args.seed)
     model = build_model(cfg)
-    save_universal(model, args.output, {"iteration": 0, "consumed_samples": 0, "source": f"init seed {args.seed}",
-                                        "model_config": model.cfg.to_dict()})
+    meta = {"iteration": 0, "consumed_samples": 0, "source": f"init seed {args.seed}",
+            "model_config": model.cfg.to_dict()}
+    if vae.tiny_vae or vae.vae_path:
+        meta["vae"] = vae.checkpoint_meta()
+    save_universal(model, args.output, meta)
     print(f"wrote {args.output}/universal ({sum(p.numel() for p in model.parameters()):,} parameters)")
     torch.distributed.destroy_process_group()
 

@@ -252,7 +252,8 @@ class EvalConfig:
     eval_batches: int = field(default=10, metadata=cli())
     """Micro-batches per evaluation and rank."""
     eval_classnames: Optional[str] = field(default=None, metadata=cli())
-    """Class-names file (one per line) for zero-shot classification."""
+    """Zero-shot classes of the held-out shards' KEY.cls labels: 'imagenet' (the shipped 1000 names, with CLIP's
+    80 templates) or a file of names, line i = label i."""
 
     def validate(self, data: DataConfig) -> None:
         if self.eval_interval is not None and self.eval_interval < 1:

@@ -5,7 +5,7 @@ import csv
 import io
 import os
 from collections import Counter
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .shards import ShardWriter, caption_of, expand_urls, image_bytes, iter_tar_samples
 from ..errors import MissingFile, UsageError
@@ -75,6 +75,79 @@ def from_table(path: str, path_column: str = "path", caption_column: str = "capt
         yield f"{i:09d}", data, row[caption_column]
 
 
+def _images_in(folder: str) -> List[str]:
+    return sorted(n for n in os.listdir(folder) if n.lower().endswith(IMG_SUFFIXES)
+                  and os.path.isfile(os.path.join(folder, n)))
+
+
+def from_imagefolder(folder: str, caption_template: str = "a photo of a {}."):
+    """(key, image bytes, caption, label) of a labelled tree ``folder/<class>/<image>`` (torchvision's ImageFolder,
+    e.g. ImageNet's ``val/<wnid>/*.JPEG``). When every class folder is an ImageNet-1k WordNet ID, labels and names
+    are ImageNet's (so a subset of the classes keeps the global labels); otherwise labels follow the sorted
+    folder names and the names are the folders'. The caption is ``caption_template`` with the class name."""
+    from ..eval.classes import imagenet_classes, imagenet_label
+
+    if not os.path.isdir(folder):
+        raise MissingFile(f"--input-imagefolder {folder!r} does not exist")
+    classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+    if not classes:
+        raise UsageError(f"--input-imagefolder {folder!r} has no class sub-folders (expected DIR/<class>/<image>)")
+    imagenet = all(imagenet_label(c) is not None for c in classes)
+    for i, c in enumerate(classes):
+        label = imagenet_label(c) if imagenet else i
+        name = imagenet_classes()[label][1] if imagenet else c
+        for n in _images_in(os.path.join(folder, c)):
+            with open(os.path.join(folder, c, n), "rb") as f:
+                yield f"{c}/{os.path.splitext(n)[0]}", f.read(), caption_template.format(name), label
+
+
+def read_labels_file(path: str) -> Dict[str, int]:
+    """``image name -> label`` from lines ``NAME LABEL`` or ``NAME,LABEL[ ...]`` (e.g. Caffe's ``val.txt`` with
+    integer labels, Kaggle's ``LOC_val_solution.csv`` with a WordNet ID first); a header line is skipped."""
+    from ..eval.classes import imagenet_label
+
+    if not os.path.isfile(path):
+        raise MissingFile(f"--labels-file {path!r} does not exist")
+    out: Dict[str, int] = {}
+    for i, line in enumerate(open(path, encoding="utf-8")):
+        parts = line.replace(",", " ").split()
+        if not parts:
+            continue
+        token = parts[1] if len(parts) > 1 else ""
+        label = int(token) if token.isdigit() else imagenet_label(token)
+        if label is None:
+            if i == 0:
+                continue  # a header
+            raise UsageError(f"--labels-file {path!r} line {i + 1}: {token!r} is neither an integer label nor an "
+                             f"ImageNet-1k WordNet ID")
+        out[os.path.splitext(os.path.basename(parts[0]))[0]] = label
+    if not out:
+        raise UsageError(f"--labels-file {path!r} holds no 'NAME LABEL' line")
+    return out
+
+
+def from_labels_file(folder: str, labels_file: str, names: Sequence[str], caption_template: str = "a photo of a {}."):
+    """(key, image bytes, caption, label) of the images of a flat ``folder`` (e.g. ImageNet's 50,000 validation
+    JPEGs) labelled by ``labels_file``; ``names``: class names by label (captions). Unlabelled images are
+    skipped (counted as ``missing_label``)."""
+    if not os.path.isdir(folder):
+        raise MissingFile(f"--input-dir {folder!r} does not exist")
+    labels = read_labels_file(labels_file)
+    top = max(labels.values())
+    if top >= len(names):
+        raise UsageError(f"--labels-file has label {top}, but --classnames names {len(names)} classes")
+    for n in _images_in(folder):
+        stem = os.path.splitext(n)[0]
+        label = labels.get(stem)
+        if label is None:
+            yield stem, MISSING_LABEL, None, None
+            continue
+        with open(os.path.join(folder, n), "rb") as f:
+            yield stem, f.read(), caption_template.format(names[label]), label
+
+
+MISSING_LABEL = object()  # image bytes of an item whose image has no line in the labels file
+
 BAD_SHARD = object()
 """Stands for the image bytes of a (key, data, caption) item that reports an unreadable input shard (the key
 is the shard's URL): :func:`write_shards` counts it as ``bad_shard`` and lists the URL in its stats."""
@@ -102,7 +175,10 @@ def write_shards(samples, out_dir: str, samples_per_shard: int, prefix: str = "s
     bad_shards: List[str] = []
     n_ok, cap_len, widths, heights = 0, 0, 0, 0
     with ShardWriter(out_dir, samples_per_shard, prefix=prefix) as w:
-        for key, data, caption in tqdm(samples, desc="samples", unit="img", disable=not progress):
+        for key, data, caption, *label in tqdm(samples, desc="samples", unit="img", disable=not progress):
+            if data is MISSING_LABEL:
+                skipped["missing_label"] += 1
+                continue
             if data is BAD_SHARD:
                 skipped["bad_shard"] += 1
                 bad_shards.append(key)
@@ -124,7 +200,10 @@ def write_shards(samples, out_dir: str, samples_per_shard: int, prefix: str = "s
             ext = {"jpeg": "jpg", "mpo": "jpg"}.get(meta[2], meta[2])
             if ext not in ("jpg", "png", "webp"):
                 ext = "jpg"
-            w.write(key.replace(".", "_").replace("/", "_"), {ext: data, "txt": caption.encode()})
+            files = {ext: data, "txt": caption.encode()}
+            if label and label[0] is not None:  # webdataset's class-label member, read by zero-shot evaluation
+                files["cls"] = str(int(label[0])).encode()
+            w.write(key.replace(".", "_").replace("/", "_"), files)
             n_ok += 1
             cap_len += len(caption.split())
             widths += meta[0]

@@ -11,7 +11,8 @@ def evaluate_in_training(trainer, log) -> None:
     from megatron.core import parallel_state as ps
 
     from ..data import DataIterator, Tokenizer
-    from ..eval.evaluate import evaluate, read_lines, save_grid
+    from ..eval import classes
+    from ..eval.evaluate import evaluate, save_grid
 
     job, it = trainer.job, trainer.state.iteration
     if ps.get_pipeline_model_parallel_world_size() > 1:
@@ -19,9 +20,11 @@ def evaluate_in_training(trainer, log) -> None:
         return
     data_cfg = job.data.for_evaluation(job.eval.eval_data_path, num_workers=0)
     data = DataIterator(data_cfg, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
-    classnames = read_lines(job.eval.eval_classnames, "--eval-classnames") if job.eval.eval_classnames else None
+    spec = job.eval.eval_classnames
+    classnames = classes.classnames(spec, "--eval-classnames") if spec else None
     res = evaluate(trainer.engine.module, data, trainer.device, Tokenizer(job.data.tokenizer), classnames,
-                   max_batches=job.eval.eval_batches, group=ps.get_data_parallel_group())
+                   classes.templates(None, spec), max_batches=job.eval.eval_batches,
+                   group=ps.get_data_parallel_group())
     rep = res["report"]
     log(f"evaluation at iteration {it}: " + " | ".join(
         f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in rep.items()))
