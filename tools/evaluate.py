@@ -24,7 +24,8 @@ def main(argv=None):
     p.add_argument("--templates", default=None, help="'clip' (CLIP's 80 ImageNet templates) or a file of prompt "
                    "templates with '{}' (default: clip with --classnames imagenet, else 3 simple ones)")
     p.add_argument("--lpips-path", default=None, help="local LPIPS-VGG weights")
-    p.add_argument("--inception-weights", default=None, help="local InceptionV3 weights for rFID (torch-fidelity)")
+    p.add_argument("--inception-weights", default=None, help="local FID Inception-v3 weights for rFID "
+                   "(pt_inception-2015-12-05-6726825d.pth, as pytorch-fid / torch-fidelity use)")
     p.add_argument("--output", required=True, help="folder for report.json and grid.png: new or empty, or an earlier "
                    "evaluate output (its report.json and grid.png are replaced)")
     p.add_argument("--seed", type=int, default=1234)
@@ -37,6 +38,7 @@ def main(argv=None):
     from megatron_ov3.data import DataConfig, DataIterator, Tokenizer
     from megatron_ov3.eval import classes
     from megatron_ov3.eval.evaluate import evaluate, format_table, save_grid
+    from megatron_ov3.eval.summary import paper_table
     from megatron_ov3.eval.metrics import inception_feature_extractor
     from megatron_ov3.checkpointing import load_model
     from megatron_ov3.models.lpips import LPIPS
@@ -58,7 +60,8 @@ def main(argv=None):
                         dist.get_rank(), dist.get_world_size())
     res = evaluate(model, data, device, tok, classnames, templates,
                    lpips=LPIPS.from_file(args.lpips_path).to(device) if args.lpips_path else None,
-                   inception=inception_feature_extractor(args.inception_weights) if args.inception_weights else None,
+                   inception=(inception_feature_extractor(args.inception_weights, device)
+                              if args.inception_weights else None),
                    max_batches=args.max_batches, group=dist.group.WORLD)
     if dist.get_rank() == 0:
         os.makedirs(args.output, exist_ok=True)
@@ -67,8 +70,12 @@ def main(argv=None):
             json.dump(report, f, indent=1)
         if res["grid"] is not None:
             save_grid(res["grid"], os.path.join(args.output, "grid.png"))
+        name = "OV3 untrained" if args.untrained else f"OV3 ({os.path.basename(os.path.abspath(args.load))})"
+        with open(os.path.join(args.output, "report.md"), "w") as f:
+            f.write(paper_table([(name, report)]) + "\n")
         print(format_table(res["report"]))
-        print(f"wrote {os.path.join(args.output, 'report.json')} and grid.png")
+        print(f"wrote {os.path.join(args.output, 'report.json')}, report.md (the paper's table; several reports: "
+              f"tools/paper_table.py) and grid.png (input | VAE alone | OV3)")
     dist.destroy_process_group()
 
 

@@ -40,9 +40,9 @@ def evaluate(model, batches, device, tokenizer=None, classnames: Optional[Sequen
     """Metrics over ``batches`` (this rank's share), gathered over ``group``. Returns the report on every rank."""
     was_training = model.training
     model.eval()
-    acc: Dict[str, List[torch.Tensor]] = {k: [] for k in ("psnr", "ssim", "lpips", "vae_psnr", "vae_ssim", "img",
-                                                          "txt", "labels")}
-    feats_real, feats_fake = [], []
+    acc: Dict[str, List[torch.Tensor]] = {k: [] for k in ("psnr", "ssim", "lpips", "vae_psnr", "vae_ssim",
+                                                          "vae_lpips", "img", "txt", "labels", "feats_real",
+                                                          "feats_fake", "feats_vae")}
     grid = None
     for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:
@@ -62,9 +62,10 @@ def evaluate(model, batches, device, tokenizer=None, classnames: Optional[Sequen
         acc["vae_ssim"].append(M.ssim(x_vae, x).cpu())
         if lpips is not None:
             acc["lpips"].append(lpips(x_hat.float(), x.float()).cpu())
+            acc["vae_lpips"].append(lpips(x_vae.float(), x.float()).cpu())
         if inception is not None:
-            feats_real.append(torch.from_numpy(inception(x)))
-            feats_fake.append(torch.from_numpy(inception(x_hat)))
+            for key, images in (("feats_real", x), ("feats_fake", x_hat), ("feats_vae", x_vae)):
+                acc[key].append(torch.from_numpy(inception(images)))
         acc["img"].append(enc.embedding.float().cpu())
         acc["txt"].append(model.encode_text(batch["text_ids"]).float().cpu())
         # one label per image (-1: none), so the labels stay aligned when only some shards carry .cls
@@ -72,8 +73,6 @@ def evaluate(model, batches, device, tokenizer=None, classnames: Optional[Sequen
         if grid is None:
             grid = M.image_grid(x, [x_vae, x_hat], grid_images)
     local = {k: (torch.cat(v) if v else None) for k, v in acc.items()}
-    local["feats_real"] = torch.cat(feats_real) if feats_real else None
-    local["feats_fake"] = torch.cat(feats_fake) if feats_fake else None
     if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
         parts = [None] * dist.get_world_size(group)
         dist.all_gather_object(parts, local, group=group)
@@ -84,10 +83,12 @@ def evaluate(model, batches, device, tokenizer=None, classnames: Optional[Sequen
         raise UsageError("the evaluation data yielded no image")
     for k in ("psnr", "ssim", "vae_psnr", "vae_ssim"):
         report[k] = float(local[k].mean())
-    if local["lpips"] is not None:
-        report["lpips"] = float(local["lpips"].mean())
-    if local["feats_real"] is not None:
+    for k in ("lpips", "vae_lpips"):
+        if local[k] is not None:
+            report[k] = float(local[k].mean())
+    if local["feats_real"] is not None:  # rFID of OV3's reconstructions and, the floor, of the VAE's own
         report["rfid"] = M.frechet_distance(local["feats_real"].numpy(), local["feats_fake"].numpy())
+        report["vae_rfid"] = M.frechet_distance(local["feats_real"].numpy(), local["feats_vae"].numpy())
     report.update({f"retrieval_{k}": v for k, v in M.recall_at_k(local["img"], local["txt"]).items()})
     report.update({f"chance_retrieval_{k}": v for k, v in M.recall_chance(report["num_images"]).items()})
     if local["labels"] is not None and not (local["labels"] >= 0).any():

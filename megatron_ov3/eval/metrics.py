@@ -9,7 +9,7 @@ from typing import Dict, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from ..errors import MissingFile, UsageError
+from ..errors import UsageError
 
 PSNR_CAP = 100.0
 """PSNR reported for identical images (MSE 0)."""
@@ -60,24 +60,18 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(covmean))
 
 
-def inception_feature_extractor(weights_path: str):
-    """torch-fidelity's InceptionV3 (2048-d pool features) with weights from a local file; returns a callable
-    mapping images in [-1, 1] (B, 3, H, W) to (B, 2048) numpy features."""
-    import os
+def inception_feature_extractor(weights_path: str, device=None, batch: int = 64):
+    """The FID Inception-v3 (:mod:`megatron_ov3.eval.inception`, pytorch-fid's network and preprocessing) with
+    the standard weights file; returns a callable mapping images in [-1, 1] (B, 3, H, W) to (B, 2048) float64
+    numpy pool3 features."""
+    from .inception import fid_inception
 
-    if not os.path.isfile(weights_path):
-        raise MissingFile(f"Inception weights {weights_path!r} not found (pt_inception-2015-12-05 .pth)")
-    try:
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-    except Exception as e:  # torch-fidelity needs torchvision, absent on the pinned CPU torch
-        raise UsageError(f"rFID needs torch-fidelity (pip install torch-fidelity, which needs torchvision): {e}")
-    fe = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=weights_path)
-    fe.eval()
+    net = fid_inception(weights_path).to(device or "cpu")
 
     def run(images: torch.Tensor) -> np.ndarray:
-        u8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        x = ((images.detach().float().clamp(-1, 1) + 1) / 2).to(next(net.parameters()).device)
         with torch.no_grad():
-            return fe(u8.to(next(fe.parameters()).device))[0].double().cpu().numpy()
+            return torch.cat([net(x[i:i + batch]) for i in range(0, len(x), batch)]).double().cpu().numpy()
 
     return run
 

@@ -36,3 +36,28 @@ def summarize(metrics: Sequence[dict], trained: Dict, untrained: Dict, vae_fit: 
                               trained[f"zeroshot_{k}"], trained[f"chance_zeroshot_{k}"]))
     lines += [f"\npicture: {p}" for p in pictures]
     return "\n".join(lines)
+
+
+PAPER_COLUMNS = (("rFID", "rfid"), ("PSNR", "psnr"), ("SSIM", "ssim"), ("LPIPS", "lpips"),
+                 ("zero-shot top-1", "zeroshot_top1"), ("I->T R@1", "retrieval_i2t_R@1"),
+                 ("I->T R@5", "retrieval_i2t_R@5"), ("T->I R@1", "retrieval_t2i_R@1"),
+                 ("T->I R@5", "retrieval_t2i_R@5"))
+
+
+def _cell(value) -> str:
+    return "—" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def paper_table(reports: Sequence[tuple]) -> str:
+    """The paper's table from evaluate reports ``[(name, report.json dict), ...]``: a first row for the frozen VAE
+    alone (its reconstruction columns, from the first report: the floor every OV3 row is read against), then one
+    row per checkpoint. Columns a report lacks (no --lpips-path, no --inception-weights, no class labels) show —."""
+    header = "| model | " + " | ".join(c for c, _ in PAPER_COLUMNS) + " | images |"
+    lines = [header, "|---|" + "---:|" * (len(PAPER_COLUMNS) + 1)]
+    first = reports[0][1]
+    vae = [first.get("vae_" + k) if k in ("rfid", "psnr", "ssim", "lpips") else None for _, k in PAPER_COLUMNS]
+    lines.append("| VAE (frozen, alone) | " + " | ".join(map(_cell, vae)) + f" | {first['num_images']} |")
+    for name, rep in reports:
+        cells = [rep.get(k) for _, k in PAPER_COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(map(_cell, cells)) + f" | {rep['num_images']} |")
+    return "\n".join(lines)

@@ -87,3 +87,36 @@ def test_evaluate_bad_inputs(tmp_path):
                         "--data-path", "a.tar", "--tokenizer", "t.model", "--output", str(tmp_path / "o")],
                        capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_reconstruction_table_with_rfid_for_vae_and_ov3(trained, trained_report, tmp_path):
+    """rFID (the plain-torch FID Inception with stand-in weights: no download here), VAE and OV3 rows, the paper's
+    table from one report (report.md) and from several (tools/paper_table.py)."""
+    import ast
+
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, os.path.join(ROOT, "tests", "data"))
+    from inception_weights import synthetic_weights
+
+    ref = np.load(os.path.join(ROOT, "tests", "data", "inception_reference.npz"))
+    shapes = {str(n): ast.literal_eval(str(s)) for n, s in zip(ref["names"], ref["shapes"])}
+    torch.save({k: torch.from_numpy(v) for k, v in synthetic_weights(shapes).items()}, tmp_path / "inception.pth")
+    d, tok = trained
+    rep = _evaluate(d, tok, tmp_path / "fid", "--inception-weights", str(tmp_path / "inception.pth"),
+                    "--max-batches", "1")
+    assert rep["num_images"] == 16 and rep["rfid"] > 0 and rep["vae_rfid"] >= 0
+    table = (tmp_path / "fid" / "report.md").read_text().splitlines()
+    assert table[0].startswith("| model | rFID | PSNR | SSIM | LPIPS | zero-shot top-1 | I->T R@1")
+    assert table[2].startswith(f"| VAE (frozen, alone) | {rep['vae_rfid']:.3f} | {rep['vae_psnr']:.3f} |")
+    assert table[3].startswith(f"| OV3 (ck) | {rep['rfid']:.3f} | {rep['psnr']:.3f} | {rep['ssim']:.3f} | — |")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "paper_table.py"), str(tmp_path / "fid"),
+                        str(trained_report[1] / "report.json"), "--names", "short", "full"],
+                       capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert r.returncode == 0, r.stderr
+    rows = r.stdout.strip().splitlines()
+    assert len(rows) == 5 and rows[3].startswith("| short |") and rows[4].startswith("| full | — |")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "paper_table.py"), str(tmp_path / "none")],
+                       capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert r.returncode == 2 and "not found" in r.stderr

@@ -71,6 +71,20 @@ def test_frechet_distance_known_gaussians():
     assert abs(M.frechet_distance(a, b) - 6.0) < 0.15
 
 
+def test_frechet_distance_against_scipy_symmetric_form():
+    """Against the symmetric form Tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2) with scipy's sqrtm: another route
+    to the same trace (the implementation uses sqrtm(S_a S_b))."""
+    from scipy import linalg
+
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(400, 16)) @ rng.normal(size=(16, 16))
+    b = rng.normal(size=(400, 16)) @ rng.normal(size=(16, 16)) + 0.5
+    sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    ra = linalg.sqrtm(sa).real
+    want = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(sa + sb - 2 * linalg.sqrtm(ra @ sb @ ra).real)
+    assert M.frechet_distance(a, b) == pytest.approx(want, rel=1e-6)
+
+
 def test_image_grid_shape():
     g = M.image_grid(torch.zeros(3, 3, 8, 8), torch.ones(3, 3, 8, 8))
     assert g.shape == (3, 24, 16) and g.dtype == torch.uint8 and g[0, 0, 0] == 128 and g[0, 0, 15] == 255
