@@ -15,6 +15,8 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e ".[test,hf,fp8,data]"
+	# LLaVA-1.5's own code for the hand-off test, without its pinned (2023) dependencies
+	$(PY) -m pip install -q --no-deps llava-torch==1.2.2.post1
 	touch $(STAMP)
 
 install: $(STAMP)
