@@ -11,7 +11,8 @@ def main(argv=None):
     p = Parser(description=__doc__)
     p.add_argument("--export", required=True, help="folder written by convert_to_hf.py")
     p.add_argument("--data-path", required=True, help="image shards (brace notation)")
-    p.add_argument("--output", required=True, help="stats file to write (.pt)")
+    p.add_argument("--output", default=None, help="stats file to write (default: EXPORT/rae/stat.pt, where the "
+                   "export's rae_stage1.yaml points RAE's normalization_stat_path)")
     p.add_argument("--num-samples", type=int, default=10000)
     p.add_argument("--batch-size", type=int, default=32)
     args = p.parse_args(argv)
@@ -29,6 +30,9 @@ def main(argv=None):
     from rae_ov3 import OV3RAEEncoder
 
     enc = OV3RAEEncoder(args.export)
+    if args.output is None:
+        os.makedirs(os.path.join(args.export, "rae"), exist_ok=True)
+        args.output = os.path.join(args.export, "rae", "stat.pt")
     size = enc.model.config.image_size
     total, s1, s2 = 0, None, None
     batch = []

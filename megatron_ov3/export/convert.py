@@ -136,6 +136,9 @@ def export_hf(src: str, out_dir: str, vae_path: Optional[str] = None, progress: 
     vae.save_pretrained(os.path.join(out_dir, "vae"))
     for f in ADAPTER_FILES:
         shutil.copy(os.path.join(HERE, f), os.path.join(out_dir, f))
+    from .rae_handoff import write_export_files
+
+    write_export_files(out_dir, sd)
     return out_dir
 
 
