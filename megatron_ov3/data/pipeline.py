@@ -119,6 +119,9 @@ class DataConfig:
             raise UsageError("--shuffle-buffer must be >= 0")
         if self.max_image_pixels < 1:
             raise UsageError(f"--max-image-pixels must be >= 1, got {self.max_image_pixels}")
+        if self.text_encoder_caption not in TEXT_CHOICES:
+            raise UsageError(f"--text-encoder-caption {self.text_encoder_caption!r}: choose one of "
+                             f"{', '.join(TEXT_CHOICES)}")
         if not 0 < self.crop_min_area <= 1:
             raise UsageError(f"--crop-min-area must lie in (0, 1], got {self.crop_min_area}")
         for flag, v in (("--color-jitter", self.color_jitter), ("--grayscale-prob", self.grayscale_prob)):

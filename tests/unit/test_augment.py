@@ -166,7 +166,8 @@ def _eval_overrides(cfg):
 
 def test_bad_augmentation_flags_are_usage_errors():
     for kw, flag in ((dict(crop_min_area=0), "--crop-min-area"), (dict(color_jitter=1.5), "--color-jitter"),
-                     (dict(grayscale_prob=-0.1), "--grayscale-prob")):
+                     (dict(grayscale_prob=-0.1), "--grayscale-prob"),
+                     (dict(text_encoder_caption="recap"), "--text-encoder-caption")):
         with pytest.raises(ValueError, match=flag):
             DataConfig(**kw)
 
