@@ -24,13 +24,13 @@ Bad data
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import os
 import random
 import re
 import zlib
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional
 
