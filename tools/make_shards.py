@@ -70,10 +70,10 @@ def main(argv=None):
 
 
 def _write_classes(folder, path):
-    from megatron_ov3.eval.classes import imagenet_label
+    from megatron_ov3.data.make_shards import imagefolder_classes
 
-    classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
-    if all(imagenet_label(c) is not None for c in classes):
+    classes, imagenet = imagefolder_classes(folder)
+    if imagenet:
         return  # ImageNet labels: --classnames imagenet
     with open(path, "w", encoding="utf-8") as f:
         f.write("".join(c + "\n" for c in classes))

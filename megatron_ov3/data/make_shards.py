@@ -80,6 +80,18 @@ def _images_in(folder: str) -> List[str]:
                   and os.path.isfile(os.path.join(folder, n)))
 
 
+def imagefolder_classes(folder: str) -> Tuple[List[str], bool]:
+    """(sorted class folders of an ImageFolder tree, whether every one is an ImageNet-1k WordNet ID)."""
+    from ..eval.classes import imagenet_label
+
+    if not os.path.isdir(folder):
+        raise MissingFile(f"--input-imagefolder {folder!r} does not exist")
+    classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+    if not classes:
+        raise UsageError(f"--input-imagefolder {folder!r} has no class sub-folders (expected DIR/<class>/<image>)")
+    return classes, all(imagenet_label(c) is not None for c in classes)
+
+
 def from_imagefolder(folder: str, caption_template: str = "a photo of a {}."):
     """(key, image bytes, caption, label) of a labelled tree ``folder/<class>/<image>`` (torchvision's ImageFolder,
     e.g. ImageNet's ``val/<wnid>/*.JPEG``). When every class folder is an ImageNet-1k WordNet ID, labels and names
@@ -87,12 +99,7 @@ def from_imagefolder(folder: str, caption_template: str = "a photo of a {}."):
     folder names and the names are the folders'. The caption is ``caption_template`` with the class name."""
     from ..eval.classes import imagenet_classes, imagenet_label
 
-    if not os.path.isdir(folder):
-        raise MissingFile(f"--input-imagefolder {folder!r} does not exist")
-    classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
-    if not classes:
-        raise UsageError(f"--input-imagefolder {folder!r} has no class sub-folders (expected DIR/<class>/<image>)")
-    imagenet = all(imagenet_label(c) is not None for c in classes)
+    classes, imagenet = imagefolder_classes(folder)
     for i, c in enumerate(classes):
         label = imagenet_label(c) if imagenet else i
         name = imagenet_classes()[label][1] if imagenet else c

@@ -306,7 +306,9 @@ class ShardStream(IterableDataset):
                 out["labels"] = torch.tensor(int(smp["cls"].decode().strip()))
             except ValueError:
                 out["labels"] = torch.tensor(-1)
-        text = text_tower_caption(caption, recap, cfg.text_encoder_caption, self._sample_rng(smp, "text"))
+        mode = cfg.text_encoder_caption
+        rng = self._sample_rng(smp, "text") if recap is not None and mode != "alt" else None  # only when drawn
+        text = text_tower_caption(caption, recap, mode, rng)
         out["text_ids"] = torch.from_numpy(self.tokenizer.encode(text, cfg.text_length))
         out["caption_ids"] = torch.from_numpy(self.tokenizer.encode(recap or caption, cfg.caption_length))
         out["noise_seeds"] = torch.tensor(noise_seed(cfg.seed, smp["__url__"], smp["__key__"], smp["__epoch__"]))
@@ -385,7 +387,7 @@ def sentences(text: str) -> List[str]:
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
-def text_tower_caption(caption: str, recap: Optional[str], mode: str, rng: random.Random) -> str:
+def text_tower_caption(caption: str, recap: Optional[str], mode: str, rng: Optional[random.Random]) -> str:
     """What the contrastive text tower reads (see ``DataConfig.text_encoder_caption``): one-caption samples
     (no recaption) always give their caption."""
     if recap is None or mode == "alt":

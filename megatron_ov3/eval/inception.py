@@ -12,7 +12,7 @@ computed once with pytorch-fid 0.3 and torchvision 0.29, ``tests/data/make_incep
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Tuple, Union
+from typing import Dict, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -181,7 +181,3 @@ def fid_inception(weights_path: str) -> FIDInceptionV3:
     model = FIDInceptionV3()
     load_state(model, state, f"--inception-weights {weights_path!r}")
     return model.eval()
-
-
-def parameter_names() -> List[str]:
-    return list(FIDInceptionV3().state_dict())
