@@ -26,6 +26,51 @@ def fresh_seed(mp1):
     yield
 
 
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """320 synthetic 32px samples in 8 real tar shards and a 64-token sentencepiece model, made once per session:
+    (data path in brace notation, tokenizer path). Tests only read it."""
+    from helpers import tiny_dataset
+
+    return tiny_dataset(tmp_path_factory.mktemp("tiny_data"))
+
+
+# the one tiny training run whose checkpoint the checkpoint, output-folder and bad-input tests read (or damage,
+# after copying it); it also writes the run's own tensorboard and metrics inside its --save folder
+TINY_TRAIN = ["-m", "megatron_ov3.pretrain", "--mock-data", "--tiny-vae", "--image-size", "32", "--micro-batch-size",
+              "2", "--global-batch-size", "2", "--log-interval", "1"]
+
+
+def run_outputs(ck):
+    """The flags that put a run's own tensorboard and metrics inside its --save folder ``ck`` (as the fixture's)."""
+    return ["--tensorboard-dir", ck / "tensorboard", "--metrics-file", ck / "metrics.jsonl"]
+
+
+@pytest.fixture(scope="session")
+def trained_ckpt(tmp_path_factory):
+    """A tiny OV3 trained 2 iterations on --mock-data (ZeRO-1, fp32) and saved once per session: the ``--save``
+    folder (``iter_0000002``, ``latest``, ``tensorboard/``, ``metrics.jsonl``). Read-only: copy it
+    (``shutil.copytree``) to damage or extend it."""
+    from dist_utils import run_python
+
+    ck = tmp_path_factory.mktemp("trained") / "ck"
+    r = run_python(*TINY_TRAIN, "--train-iters", 2, "--save", ck, *run_outputs(ck))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return ck
+
+
+@pytest.fixture(scope="session")
+def universal_init(tmp_path_factory):
+    """``tools/init_checkpoint.py --image-size 32``: the universal init checkpoint every parallel layout starts from
+    (and the input of the export's bad-input tests); the ``universal`` folder."""
+    from dist_utils import run_python
+
+    d = tmp_path_factory.mktemp("init")
+    r = run_python("tools/init_checkpoint.py", "--image-size", 32, "--output", d)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return d / "universal"
+
+
 def pytest_collection_modifyitems(config, items):
     from megatron_ov3.models.specs import te_available
 

@@ -65,6 +65,7 @@ class JsonlSink:
         self.path = path
 
     def write(self, r: dict) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)  # as tensorboard makes its folder
         with open(self.path, "a") as f:
             f.write(json.dumps(r) + "\n")
 
@@ -73,12 +74,22 @@ class JsonlSink:
 
 
 class TensorBoardSink:
-    """Scalars under ``train/`` (losses, lr, throughput, grad norm, skipped steps) and ``data/bad_<reason>``."""
+    """Scalars under ``train/`` (losses, lr, throughput, grad norm, skipped steps) and ``data/bad_<reason>``. The
+    event file is created with the first record, so a run that stops before its first step (a damaged checkpoint, a
+    usage error) leaves the folder as it was."""
 
     def __init__(self, log_dir: str):
-        from torch.utils.tensorboard import SummaryWriter
+        if os.path.exists(log_dir) and not os.path.isdir(log_dir):
+            raise UsageError(f"--tensorboard-dir {log_dir!r} is a file; give a folder path")
+        self.log_dir, self._writer = log_dir, None
 
-        self.writer = SummaryWriter(log_dir)
+    @property
+    def writer(self):
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(self.log_dir)
+        return self._writer
 
     def write(self, r: dict) -> None:
         it = r["iteration"]
@@ -98,7 +109,8 @@ class TensorBoardSink:
         self.writer.flush()
 
     def close(self) -> None:
-        self.writer.close()
+        if self._writer is not None:
+            self._writer.close()
 
 
 class WandbSink:

@@ -1,17 +1,11 @@
 """Former tracebacks are one line and exit 2: a --vae-path that is not a diffusers AutoencoderKL folder (every
 tool that takes one), a malformed --hardware YAML, a checkpoint of another model size than the flags."""
 import json
-import os
 
 import pytest
 
-from dist_utils import one_error, run_python
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-
-
+from conftest import TINY_TRAIN
+from dist_utils import one_error, run_inprocess, run_python
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +23,6 @@ def not_vaes(tmp_path_factory):
     (root / "noweights").mkdir()
     (root / "noweights" / "config.json").write_text((root / "torn" / "config.json").read_text())
     return root
-
-
-@pytest.fixture(scope="module")
-def universal_init(tmp_path_factory):
-    d = tmp_path_factory.mktemp("init")
-    r = run_python("tools/init_checkpoint.py", "--image-size", 32, "--output", d)
-    assert r.returncode == 0, r.stderr[-2000:]
-    return d / "universal"
 
 
 TOOLS = {
@@ -67,7 +53,8 @@ def test_every_kind_of_non_vae_is_a_usage_error(kind, not_vaes):
 @pytest.mark.parametrize("tool,kind", [("pretrain", "torn"), ("cache_latents", "unet"), ("benchmark", "noweights"),
                                        ("convert", "unet")])
 def test_a_folder_that_is_not_a_vae_is_one_line(tool, kind, not_vaes, universal_init):
-    err = one_error(run_python(*TOOLS[tool](not_vaes / kind, universal_init)))
+    run = run_python if tool == "pretrain" else run_inprocess  # pretrain's through the real command line
+    err = one_error(run(*TOOLS[tool](not_vaes / kind, universal_init)))
     assert "--vae-path" in err and WORDS[kind] in err and kind in err, err
 
 
@@ -75,17 +62,13 @@ def test_a_folder_that_is_not_a_vae_is_one_line(tool, kind, not_vaes, universal_
                                         ("ib_gbps: fast\n", "ib_gbps must be a number"), ("nope: 1\n", "unknown keys")])
 def test_a_malformed_hardware_file_is_one_line(tmp_path, text, words):
     (tmp_path / "hw.yaml").write_text(text)
-    err = one_error(run_python("tools/scaling_study.py", "--hardware", tmp_path / "hw.yaml"))
+    err = one_error(run_inprocess("tools/scaling_study.py", "--hardware", tmp_path / "hw.yaml"))
     assert words in err, err
 
 
-def test_a_checkpoint_of_another_size_names_both(tmp_path):
-    common = ["-m", "megatron_ov3.pretrain", "--mock-data", "--tiny-vae", "--image-size", "32", "--micro-batch-size",
-              "2", "--global-batch-size", "2"]
-    r = run_python(*common, "--train-iters", 1, "--save", tmp_path / "ck")
-    assert r.returncode == 0, r.stderr[-2000:]
+def test_a_checkpoint_of_another_size_names_both(trained_ckpt):
     for flag in ("--load", "--finetune-from"):
-        err = one_error(run_python(*common, "--train-iters", 2, flag, tmp_path / "ck", "--model-size", "Ti"))
+        err = one_error(run_inprocess(*TINY_TRAIN, "--train-iters", 3, flag, trained_ckpt, "--model-size", "Ti"))
         assert "OV3-tiny" in err and "OV3-Ti" in err and "--model-size" in err and flag in err, err
 
 
@@ -93,10 +76,10 @@ def test_readers_name_what_is_wrong_with_load_and_classnames(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "file").write_text("x")
     convert = ["tools/convert_to_hf.py", "--output", tmp_path / "hf", "--load"]
-    assert "holds no checkpoint" in one_error(run_python(*convert, tmp_path / "empty"))
-    assert "is a file" in one_error(run_python(*convert, tmp_path / "file"))
-    assert "does not exist" in one_error(run_python(*convert, tmp_path / "missing"))
-    err = one_error(run_python("tools/evaluate.py", "--load", tmp_path / "empty", "--data-path", "x.tar", "--tokenizer",
+    assert "holds no checkpoint" in one_error(run_inprocess(*convert, tmp_path / "empty"))
+    assert "is a file" in one_error(run_inprocess(*convert, tmp_path / "file"))
+    assert "does not exist" in one_error(run_inprocess(*convert, tmp_path / "missing"))
+    err = one_error(run_inprocess("tools/evaluate.py", "--load", tmp_path / "empty", "--data-path", "x.tar", "--tokenizer",
                           "t.model", "--output", tmp_path / "ev", "--classnames", tmp_path / "names.txt"))
     assert "--classnames" in err and "names.txt" in err, err
     assert not (tmp_path / "ev").exists()

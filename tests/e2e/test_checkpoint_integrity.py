@@ -6,15 +6,8 @@ import os
 
 import pytest
 
-from dist_utils import one_error, run_python
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TRAIN = ["-m", "megatron_ov3.pretrain", "--mock-data", "--tiny-vae", "--image-size", "32", "--micro-batch-size", "2",
-         "--global-batch-size", "2", "--log-interval", "1"]
-
-
-
-
+from conftest import TINY_TRAIN as TRAIN, run_outputs
+from dist_utils import one_error, run_inprocess, run_python
 
 
 def _snapshot(folder):
@@ -22,11 +15,8 @@ def _snapshot(folder):
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    ck = tmp_path_factory.mktemp("integrity") / "ck"
-    r = run_python(*TRAIN, "--train-iters", 2, "--save", ck)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return ck
+def saved(trained_ckpt):
+    return trained_ckpt
 
 
 def test_manifest_lists_every_file_and_no_universal_copy_is_written(saved):
@@ -36,7 +26,7 @@ def test_manifest_lists_every_file_and_no_universal_copy_is_written(saved):
     assert sorted(manifest) == [n for n in on_disk if n != "manifest.json"]
     assert all(manifest[n]["size"] == os.path.getsize(it / n) for n in manifest)
     assert "universal_index.json" in manifest and not (it / "universal").exists()
-    r = run_python("tools/checkpoint.py", "verify", saved)
+    r = run_python("tools/checkpoint.py", "verify", saved)  # the tool's one subprocess: its wiring
     assert r.returncode == 0 and "intact" in r.stdout, r.stdout + r.stderr
 
 
@@ -55,11 +45,11 @@ def test_load_names_the_damaged_file_and_changes_nothing(saved, tmp_path, damage
         data = data[: len(data) // 2]
     victim.write_bytes(bytes(data))
     before = _snapshot(ck)
-    err = one_error(run_python(*TRAIN, "--train-iters", 4, "--load", ck, "--save", ck))
+    err = one_error(run_inprocess(*TRAIN, "--train-iters", 4, "--load", ck, "--save", ck, *run_outputs(ck)))
     assert victim.name in err and ("damaged" in err or "truncated" in err), err
     assert _snapshot(ck) == before
     if damage != "manifest":
-        r = run_python("tools/checkpoint.py", "verify", ck)
+        r = run_inprocess("tools/checkpoint.py", "verify", ck)
         assert r.returncode == 2 and victim.name in r.stdout and "DAMAGED" in r.stdout, r.stdout + r.stderr
 
 
@@ -68,16 +58,16 @@ def test_readers_make_the_universal_copy_on_demand(saved, tmp_path):
 
     ck = tmp_path / "ck"
     shutil.copytree(saved, ck)
-    r = run_python("tools/convert_to_hf.py", "--load", ck, "--target", "hf", "--output", tmp_path / "hf",
-                   "--no-progress")
+    r = run_inprocess("tools/convert_to_hf.py", "--load", ck, "--target", "hf", "--output", tmp_path / "hf",
+                      "--no-progress")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "wrote the universal copy" in r.stdout and (ck / "iter_0000002" / "universal" / "manifest.json").exists()
-    r = run_python("tools/checkpoint.py", "list", ck)
+    r = run_inprocess("tools/checkpoint.py", "list", ck)
     assert r.returncode == 0 and "iter_0000002" in r.stdout and "universal copy" in r.stdout
     assert "TP1 x PP1 x DP1 ZeRO-1" in r.stdout, r.stdout
     out = tmp_path / "elsewhere"
-    r = run_python("tools/checkpoint.py", "to-universal", saved, "--output", out)
+    r = run_inprocess("tools/checkpoint.py", "to-universal", saved, "--output", out)
     assert r.returncode == 0 and (out / "stage0.safetensors").exists(), r.stderr[-2000:]
     assert not (saved / "iter_0000002" / "universal").exists()
-    err = one_error(run_python("tools/checkpoint.py", "verify", ck, "--iteration", 7))
+    err = one_error(run_inprocess("tools/checkpoint.py", "verify", ck, "--iteration", 7))
     assert "no iter_0000007" in err and "iter_0000002" in err

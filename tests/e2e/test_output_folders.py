@@ -5,12 +5,10 @@ import os
 
 import pytest
 
-from dist_utils import run_python
+from conftest import run_outputs
+from dist_utils import run_inprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-
 
 def _foreign(tmp_path):
     d = tmp_path / "out"
@@ -33,21 +31,22 @@ COMMANDS = {
 @pytest.mark.parametrize("tool", list(COMMANDS))
 def test_a_folder_of_other_files_is_refused(tool, tmp_path):
     d = _foreign(tmp_path)
-    r = run_python(*COMMANDS[tool](d))
+    r = run_inprocess(*COMMANDS[tool](d))
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert r.returncode == 2 and len(errors) == 1, (r.returncode, r.stderr[-2000:])
     assert "notes.txt" in errors[0] and str(d) in errors[0], errors[0]
     assert sorted(os.listdir(d)) == ["notes.txt"] and (d / "notes.txt").read_text() == "my notes"
 
 
-def test_pretrain_save_accepts_its_own_checkpoints_and_run_outputs(tmp_path):
-    d = tmp_path / "ck"
-    base = COMMANDS["pretrain"](d) + ["--tensorboard-dir", d / "tensorboard", "--metrics-file", d / "m.jsonl"]
-    r = run_python(*base)
-    assert r.returncode == 0, r.stderr[-2000:]
+def test_pretrain_save_accepts_its_own_checkpoints_and_run_outputs(tmp_path, trained_ckpt):
+    """The session's trained checkpoint was saved into a new folder with its tensorboard and metrics inside (the
+    first half); resuming into that folder with the same outputs is accepted (the second)."""
+    import shutil
+
+    d = shutil.copytree(trained_ckpt, tmp_path / "ck")
+    assert {"tensorboard", "metrics.jsonl", "latest"} <= set(os.listdir(d))
     (d / "eval").mkdir()  # what in-training evaluation writes there
-    r = run_python(*base[:-6], "--train-iters", "2", "--load", d, "--save", d, "--tensorboard-dir", d / "tensorboard",
-             "--metrics-file", d / "m.jsonl")
+    r = run_inprocess(*COMMANDS["pretrain"](d)[:-4], "--train-iters", "3", "--load", d, "--save", d, *run_outputs(d))
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-2000:]
 
 

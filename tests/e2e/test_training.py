@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from dist_utils import subprocess_env
+from dist_utils import run_inprocess, subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DS = os.path.join(os.path.dirname(sys.executable), "deepspeed")
@@ -110,9 +110,10 @@ def test_sigterm_saves_and_exits_0(dataset, tmp_path):
 
 
 def test_usage_errors_exit_2(dataset, tmp_path):
+    """In-process (the same main and cli.run as the command line); the real command line's wiring is proven by
+    the launcher tests in this file."""
     def run(*flags):
-        return subprocess.run([sys.executable, "-m", "megatron_ov3.pretrain", *map(str, flags)], cwd=ROOT,
-                              capture_output=True, text=True, timeout=120)
+        return run_inprocess("-m", "megatron_ov3.pretrain", *flags)
 
     base = ["--data-path", dataset[0], "--tokenizer", dataset[1], "--tiny-vae", "--train-iters", "2"]
     r = run(*base, "--micro-batch-size", 3, "--global-batch-size", 8)

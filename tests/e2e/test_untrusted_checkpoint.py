@@ -5,9 +5,8 @@ import os
 import pytest
 import torch
 
-from dist_utils import one_error, run_python
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from conftest import TINY_TRAIN
+from dist_utils import one_error, run_inprocess
 
 
 class _Payload:
@@ -27,38 +26,33 @@ def planted(tmp_path):
     return ck, marker
 
 
-
-
-
-
-TRAIN = ["-m", "megatron_ov3.pretrain", "--mock-data", "--tiny-vae", "--image-size", "32", "--micro-batch-size", "2",
-         "--global-batch-size", "2", "--train-iters", "2"]
+TRAIN = TINY_TRAIN + ["--train-iters", "2"]
 
 
 @pytest.mark.parametrize("flag", ["--load", "--finetune-from"])
 def test_training_refuses_a_planted_pickle(planted, flag):
     ck, marker = planted
-    err = one_error(run_python(*TRAIN, flag, ck))
+    err = one_error(run_inprocess(*TRAIN, flag, ck))
     assert "refusing to load" in err and "mp_rank_00_model_states.pt" in err and "system" in err, err
     assert not marker.exists(), "the planted payload ran"
 
 
 def test_export_and_evaluation_read_no_pickle(planted, tmp_path):
     ck, marker = planted
-    err = one_error(run_python("tools/convert_to_hf.py", "--load", ck, "--target", "hf", "--output", tmp_path / "x"))
+    err = one_error(run_inprocess("tools/convert_to_hf.py", "--load", ck, "--target", "hf", "--output", tmp_path / "x"))
     assert "neither a universal copy nor universal_index.json" in err
-    err = one_error(run_python("tools/evaluate.py", "--load", ck, "--data-path", "d/{0..1}.tar", "--tokenizer",
+    err = one_error(run_inprocess("tools/evaluate.py", "--load", ck, "--data-path", "d/{0..1}.tar", "--tokenizer",
                                "t.model", "--output", tmp_path / "e"))
     assert "neither a universal copy nor universal_index.json" in err
     assert not marker.exists()
 
 
-def test_a_damaged_model_states_file_is_named(tmp_path):
+def test_a_damaged_model_states_file_is_named(tmp_path, trained_ckpt):
     """A real checkpoint, its model-states file truncated: one line naming the file, not a traceback."""
-    ck = tmp_path / "ck"
-    r = run_python(*TRAIN, "--save", ck, "--no-save-universal")
-    assert r.returncode == 0, r.stderr[-3000:]
+    import shutil
+
+    ck = shutil.copytree(trained_ckpt, tmp_path / "ck")
     f = ck / "iter_0000002" / "mp_rank_00_model_states.pt"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    err = one_error(run_python(*TRAIN[:-1], "4", "--load", ck))
+    err = one_error(run_inprocess(*TRAIN[:-1], "4", "--load", ck))
     assert "is damaged" in err and "mp_rank_00_model_states.pt" in err, err

@@ -3,11 +3,9 @@ import dataclasses
 import json
 import os
 import re
-import subprocess
-import sys
-
 import pytest
 
+from dist_utils import run_inprocess
 from megatron_ov3.config import SECTIONS, ParallelConfig, build_parser, job_from_dict, parse_job
 from megatron_ov3.config.job import DERIVED, TrainConfig
 from megatron_ov3.errors import UsageError
@@ -165,10 +163,8 @@ def test_dry_run_resolves_each_recipe(recipe, env, tmp_path):
     from megatron_ov3.data.tokenizer import train_tokenizer
 
     tok = train_tokenizer(["a red circle", "two blue squares"] * 20, str(tmp_path / "tok"), vocab_size=32)
-    full = dict(os.environ, PYTHONPATH=ROOT, **env)
-    full["TOKENIZER"] = tok
-    r = subprocess.run([sys.executable, "-m", "megatron_ov3.pretrain", "--config", f"examples/configs/{recipe}.yaml",
-                        "--dry-run"], cwd=ROOT, env=full, capture_output=True, text=True, timeout=120)
+    r = run_inprocess("-m", "megatron_ov3.pretrain", "--config", f"examples/configs/{recipe}.yaml", "--dry-run",
+                      env=dict(env, TOKENIZER=tok))
     assert r.returncode == 0, r.stderr[-2000:]
     tree = json.loads(r.stdout)
     assert tree["data"]["data_path"] == "d/{0..3}.tar" and tree["data"]["tokenizer"] == tok

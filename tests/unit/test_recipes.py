@@ -5,12 +5,11 @@ samples, a stage-2 learning rate far below stage 1's, and the release-compatible
 table, no VAE shift: OV3-B/2's vision tower has exactly the release's 85,893,120 parameters)."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dist_utils import run_inprocess
+
 ENV = {"DATA_PATH": "d/{0..3}.tar", "VAE_PATH": "/models/flux/vae", "WORLD_SIZE": "64",
        "FINETUNE_FROM": "checkpoints/stage1", "LPIPS_PATH": "/models/lpips_vgg.pth"}
 
@@ -24,10 +23,8 @@ def tokenizer(tmp_path_factory):
 
 
 def _resolve(recipe, tokenizer, **env):
-    full = dict(os.environ, PYTHONPATH=ROOT, TOKENIZER=tokenizer, **{**ENV, **env})
-    return subprocess.run([sys.executable, "-m", "megatron_ov3.pretrain", "--config",
-                           f"examples/configs/{recipe}.yaml", "--dry-run"], cwd=ROOT, env=full, capture_output=True,
-                          text=True, timeout=120)
+    return run_inprocess("-m", "megatron_ov3.pretrain", "--config", f"examples/configs/{recipe}.yaml", "--dry-run",
+                         env=dict(TOKENIZER=tokenizer, **{**ENV, **env}))
 
 
 def _tree(recipe, tokenizer):
@@ -61,12 +58,10 @@ def test_paper_recipes_resolve_to_the_paper_settings(size, tokenizer):
         assert count_parameters(OV3Config.from_dict(two["model"]))["encoder"] == 85_893_120  # the release's tower
 
 
-def test_stage_2_says_what_it_needs(tokenizer):
-    full = dict(os.environ, PYTHONPATH=ROOT, TOKENIZER=tokenizer, **{k: v for k, v in ENV.items()
-                                                                     if k != "FINETUNE_FROM"})
-    full.pop("FINETUNE_FROM", None)
-    r = subprocess.run([sys.executable, "-m", "megatron_ov3.pretrain", "--config", "examples/configs/ov3_B_stage2.yaml",
-                        "--dry-run"], cwd=ROOT, env=full, capture_output=True, text=True, timeout=120)
+def test_stage_2_says_what_it_needs(tokenizer, monkeypatch):
+    monkeypatch.delenv("FINETUNE_FROM", raising=False)
+    r = run_inprocess("-m", "megatron_ov3.pretrain", "--config", "examples/configs/ov3_B_stage2.yaml", "--dry-run",
+                      env=dict(TOKENIZER=tokenizer, **{k: v for k, v in ENV.items() if k != "FINETUNE_FROM"}))
     assert r.returncode == 2 and "set FINETUNE_FROM to the stage-1 --save folder" in r.stderr, r.stderr[-1000:]
 
 
