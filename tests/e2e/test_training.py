@@ -9,30 +9,28 @@ import time
 
 import pytest
 
-from dist_utils import run_inprocess, subprocess_env
+from dist_utils import free_port, run_inprocess, subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DS = os.path.join(os.path.dirname(sys.executable), "deepspeed")
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    from helpers import tiny_dataset
-
-    return tiny_dataset(tmp_path_factory.mktemp("train_data"))
+def dataset(tiny_data):
+    return tiny_data
 
 
-def _env(dataset, ckpt, port, **extra):
+def _env(dataset, ckpt, **extra):
     env = dict(os.environ, DATA_PATH=dataset[0], TOKENIZER=dataset[1], CHECKPOINT_PATH=str(ckpt),
                IMAGE_SIZE="32", MICRO_BATCH="4", GLOBAL_BATCH="8", NUM_WORKERS="1", PYTHONPATH=ROOT)
     env.update(extra)
     return env
 
 
-def launch(dataset, ckpt, port, *flags, timeout=300, **extra):
-    cmd = [DS, "--num_gpus", "2", "--master_port", str(port), "examples/pretrain_ov3_tiny.sh",
+def launch(dataset, ckpt, *flags, timeout=300, **extra):
+    cmd = [DS, "--num_gpus", "2", "--master_port", str(free_port()), "examples/pretrain_ov3_tiny.sh",
            "--log-interval", "1", *map(str, flags)]
-    return subprocess.run(cmd, cwd=ROOT, env=_env(dataset, ckpt, port, **extra), capture_output=True, text=True,
+    return subprocess.run(cmd, cwd=ROOT, env=_env(dataset, ckpt, **extra), capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -40,34 +38,46 @@ def metrics(path):
     return [json.loads(l) for l in open(path)]
 
 
-def test_launcher_run_output_and_checkpoint(dataset, tmp_path):
-    r = launch(dataset, tmp_path / "ck", 29621, "--train-iters", 4, "--save-interval", 2)
+@pytest.fixture(scope="module")
+def straight(dataset, tmp_path_factory):
+    """6 uninterrupted iterations through the launcher, saving every 2: (metrics, stdout, checkpoint folder)."""
+    d = tmp_path_factory.mktemp("straight")
+    r = launch(dataset, d / "ck", "--train-iters", 6, "--save-interval", 2, "--metrics-file", d / "a.jsonl")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    out = r.stdout
+    return metrics(d / "a.jsonl"), r.stdout, d / "ck"
+
+
+def test_launcher_run_output_and_checkpoint(straight):
+    _, out, ck = straight
     assert "world 2 = TP 1 x PP 1 x DP 2" in out and "global 8" in out
     lines = [l for l in out.splitlines() if l.startswith("iteration ")]
-    assert len(lines) == 4
+    assert len(lines) == 6
     for name in ("total_loss", "contrastive_loss", "caption_loss", "latent_l1", "pixel_l1", "lr", "grad norm",
                  "samples/s", "TFLOP/s/device", "mem"):
         assert name in lines[-1]
-    assert (tmp_path / "ck" / "latest").read_text() == "iter_0000004"
-    assert sorted(p for p in os.listdir(tmp_path / "ck") if p.startswith("iter_")) == ["iter_0000002", "iter_0000004"]
-    assert f"checkpoint: {tmp_path / 'ck' / 'iter_0000004'}" in out
+    assert (ck / "latest").read_text() == "iter_0000006"
+    # saved at 2, 4, 6; the tiny recipe's keep_last 2 removed the oldest
+    assert sorted(p for p in os.listdir(ck) if p.startswith("iter_")) == ["iter_0000004", "iter_0000006"]
+    assert f"checkpoint: {ck / 'iter_0000006'}" in out
 
 
-def test_exact_resume(dataset, tmp_path):
-    """6 iterations straight == 3 iterations, exit, resume, 3 more (2 processes, ZeRO-1): identical losses."""
-    a = launch(dataset, tmp_path / "a", 29622, "--train-iters", 6, "--metrics-file", tmp_path / "a.jsonl")
-    assert a.returncode == 0, a.stderr[-3000:]
-    b1 = launch(dataset, tmp_path / "b", 29623, "--train-iters", 6, "--exit-interval", 3,
-                "--metrics-file", tmp_path / "b.jsonl")
+def test_exact_resume_after_a_kill_during_save(dataset, straight, tmp_path):
+    """Two proofs on one interrupted run (2 processes, ZeRO-1): (1) ``kill -9`` inside a save keeps the previous
+    checkpoint as ``latest`` and the next launch resumes from it; (2) 3 iterations, exit, resume, 3 more give
+    every logged loss, lr and grad norm bit-identical to 6 straight ones, even with a killed attempt between."""
+    ck = tmp_path / "b"
+    b1 = launch(dataset, ck, "--train-iters", 6, "--exit-interval", 3, "--metrics-file", tmp_path / "b.jsonl")
     assert b1.returncode == 0, b1.stderr[-3000:]
     assert "--exit-interval reached: saved at iteration 3" in b1.stdout
-    b2 = launch(dataset, tmp_path / "b", 29624, "--train-iters", 6, "--load", tmp_path / "b",
-                "--metrics-file", tmp_path / "b.jsonl")
+    killed = launch(dataset, ck, "--train-iters", 6, "--load", ck, OV3_FAULT_KILL_IN_SAVE="1")
+    assert killed.returncode != 0
+    assert (ck / "latest").read_text() == "iter_0000003"
+    assert (ck / "iter_0000006.partial").is_dir() and not (ck / "iter_0000006").exists()
+    b2 = launch(dataset, ck, "--train-iters", 6, "--load", ck, "--metrics-file", tmp_path / "b.jsonl")
     assert b2.returncode == 0, b2.stderr[-3000:]
     assert "resumed from" in b2.stdout and "at iteration 3" in b2.stdout
-    ma, mb = metrics(tmp_path / "a.jsonl"), metrics(tmp_path / "b.jsonl")
+    assert (ck / "latest").read_text() == "iter_0000006"
+    ma, mb = straight[0], metrics(tmp_path / "b.jsonl")
     assert [m["iteration"] for m in mb] == [1, 2, 3, 4, 5, 6]
     keys = ("total_loss", "contrastive_loss", "caption_loss", "latent_l1", "pixel_l1", "lr", "grad_norm")
     for x, y in zip(ma, mb):
@@ -76,20 +86,8 @@ def test_exact_resume(dataset, tmp_path):
     assert ma[-1]["total_loss"] < ma[0]["total_loss"]
 
 
-def test_kill_during_save_keeps_previous_checkpoint(dataset, tmp_path):
-    ck = tmp_path / "ck"
-    r = launch(dataset, ck, 29625, "--train-iters", 4, "--exit-interval", 2)
-    assert r.returncode == 0, r.stderr[-3000:]
-    r = launch(dataset, ck, 29626, "--train-iters", 4, "--load", ck, OV3_FAULT_KILL_IN_SAVE="1")
-    assert r.returncode != 0
-    assert (ck / "latest").read_text() == "iter_0000002"
-    assert (ck / "iter_0000004.partial").is_dir() and not (ck / "iter_0000004").exists()
-    r = launch(dataset, ck, 29627, "--train-iters", 4, "--load", ck)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "at iteration 2" in r.stdout and (ck / "latest").read_text() == "iter_0000004"
-
-
 def test_sigterm_saves_and_exits_0(dataset, tmp_path):
+    """A real signal to a real process (in-process would signal pytest itself)."""
     env = subprocess_env(ROOT)
     cmd = [sys.executable, "-u", "-m", "megatron_ov3.pretrain", "--data-path", dataset[0], "--tokenizer",
            dataset[1], "--tiny-vae", "--image-size", "32", "--micro-batch-size", "4", "--global-batch-size", "4",
@@ -144,7 +142,7 @@ def test_huge_recipe_starts_through_launcher(tmp_path, how):
     """`deepspeed examples/pretrain_ov3_huge.sh` (and `bash ...`) reach the entry point with the recipe's flags."""
     env = dict(os.environ, DATA_PATH="d/{0..9}.tar", TOKENIZER="t.model", VAE_PATH="vae", PYTHONPATH=ROOT,
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
-    cmd = [DS, "--master_port", "29628", "examples/pretrain_ov3_huge.sh", "--help"] if how == "deepspeed" \
+    cmd = [DS, "--master_port", str(free_port()), "examples/pretrain_ov3_huge.sh", "--help"] if how == "deepspeed" \
         else ["bash", "examples/pretrain_ov3_huge.sh", "--help"]
     if how == "bash":
         env["NUM_GPUS"] = "1"
@@ -153,15 +151,18 @@ def test_huge_recipe_starts_through_launcher(tmp_path, how):
     assert "Pre-train an OpenVision 3 encoder" in r.stdout and "layers and precision:" in r.stdout
 
 
-def _mock_run(tmp_path, name, *flags, nproc=1, port=0):
-    """2 iterations of the tiny model on --mock-data (the same samples under any layout); (metrics, stdout)."""
+def _mock_run(tmp_path, name, *flags, nproc=1):
+    """2 iterations of the tiny model on --mock-data (the same samples under any layout); (metrics, stdout). One
+    process runs in-process (the entry point's main, as run_inprocess does); more go through the launcher."""
     out = tmp_path / f"{name}.jsonl"
-    launcher = ([DS, "--num_gpus", str(nproc), "--master_port", str(port), "--module"] if nproc > 1
-                else [sys.executable, "-m"])
-    r = subprocess.run(launcher + ["megatron_ov3.pretrain", "--mock-data", "--tiny-vae", "--image-size", "32",
-                                   "--micro-batch-size", "4", "--global-batch-size", "4", "--train-iters", "2",
-                                   "--log-interval", "1", "--metrics-file", str(out), *map(str, flags)],
-                       cwd=ROOT, env=subprocess_env(ROOT), capture_output=True, text=True, timeout=400)
+    args = ["megatron_ov3.pretrain", "--mock-data", "--tiny-vae", "--image-size", "32", "--micro-batch-size", "4",
+            "--global-batch-size", "4", "--train-iters", "2", "--log-interval", "1", "--metrics-file", str(out),
+            *map(str, flags)]
+    if nproc == 1:
+        r = run_inprocess("-m", *args)
+    else:
+        r = subprocess.run([DS, "--num_gpus", str(nproc), "--master_port", str(free_port()), "--module", *args],
+                           cwd=ROOT, env=subprocess_env(ROOT), capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
     return metrics(out), r.stdout
 
@@ -189,7 +190,7 @@ def test_torchao_fp8_compiled_tp2_sp_tracks_fp32(tmp_path, fp32_reference):
     sequence parallelism through the launcher: both converters are applied and the first losses stay within
     FP8's error of the one-process fp32 run."""
     got, out = _mock_run(tmp_path, "fp8", "--transformer-impl", "local", "--fp8-format", "hybrid", "--torch-compile",
-                         "--tensor-model-parallel-size", 2, "--sequence-parallel", nproc=2, port=29628)
+                         "--tensor-model-parallel-size", 2, "--sequence-parallel", nproc=2)
     assert "fp8-hybrid (torchao float8, emulated on CPU): 28 linears" in out, out[-2000:]
     assert "torch.compile: 7 transformer layers" in out and "layers: local/sdpa compiled" in out
     _assert_close(got, fp32_reference, 0.05)
