@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: install demo test clean
+.PHONY: install demo test test-fast clean
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,8 +24,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash examples/demo.sh
 
+# the whole suite (what .ci/run calls); ends with its 25 slowest tests and the total time
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --durations=25
+
+# the developer loop: unit tests and in-process CLI tests, no launches (under 4 minutes)
+test-fast: $(STAMP)
+	$(PY) -m pytest -q tests -m "not slow" --durations=10
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on a CPU machine (`make demo`), offline:
 #   1. synthetic shards (1-3 coloured shapes; captions say what and where; 24 colour x shape classes) + tokenizer
-#   2. a small VAE of the FLUX structure fitted to those images for VAE_SECONDS (tools/fit_vae.py) -- OV3 needs a
+#   2. a small VAE of the FLUX structure fitted to those images for VAE_STEPS seeded steps (tools/fit_vae.py) -- OV3 needs a
 #      *pretrained* frozen VAE, and with no FLUX download this is the honest stand-in (not a FLUX replacement)
 #   3. a tiny OV3 (no augmentation: the captions name each shape's place and colour, which crops and colour jitter
 #      would contradict) trained with that VAE frozen (--vae-path, FLUX's loading code) by 2 processes through the real
@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 OUT=${DEMO_DIR:-runs/demo}
 NUM=${NUM_SAMPLES:-2000}
 ITERS=${TRAIN_ITERS:-200}
-VAE_SECONDS=${VAE_SECONDS:-60}
+VAE_STEPS=${VAE_STEPS:-1000}
 LAST=$(printf '%05d' $(( NUM / 100 - 1 )))
 TRAIN="$OUT/data/synthetic-{00000..$LAST}.tar"
 mkdir -p "$OUT"
@@ -23,7 +23,7 @@ mkdir -p "$OUT"
 [[ -f "$OUT/tokenizer.model" ]] || python tools/train_tokenizer.py --data-path "$TRAIN" \
   --output-prefix "$OUT/tokenizer" --vocab-size 256
 [[ -f "$OUT/vae/fit_vae.json" ]] || python tools/fit_vae.py --data-path "$TRAIN" --image-size 64 \
-  --seconds "$VAE_SECONDS" --output "$OUT/vae"
+  --steps "$VAE_STEPS" --output "$OUT/vae"
 rm -rf "$OUT/checkpoints" "$OUT/metrics.jsonl" "$OUT/eval-trained" "$OUT/eval-untrained"
 DATA_PATH="$TRAIN" TOKENIZER="$OUT/tokenizer.model" CHECKPOINT_PATH="$OUT/checkpoints" \
   deepspeed --num_gpus 2 examples/pretrain_ov3_tiny.sh --train-iters "$ITERS" --no-tiny-vae --vae-path "$OUT/vae" \

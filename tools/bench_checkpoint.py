@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import time
 
 import _bootstrap  # noqa: F401
@@ -83,10 +84,15 @@ def main(argv=None):
     from megatron_ov3.checkpointing.restore import current_layout
     from megatron_ov3.training import trainer as T
 
-    bench = argparse.ArgumentParser(add_help=False)
-    bench.add_argument("--bench-dir", required=True)
-    bench.add_argument("--bench-repeats", type=int, default=2)
-    bench.add_argument("--json", action="store_true")
+    bench = argparse.ArgumentParser(description=__doc__, add_help=False,
+                                    epilog="All other flags are training's: python -m megatron_ov3.pretrain --help")
+    bench.add_argument("--bench-dir", required=True, help="scratch folder for the checkpoints (emptied per method)")
+    bench.add_argument("--bench-repeats", type=int, default=2, help="saves per method; the best is reported")
+    bench.add_argument("--json", action="store_true", help="print the results as JSON")
+    argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):
+        bench.print_help()
+        return 0
     args, rest = bench.parse_known_args(argv)
     from megatron_ov3.config.job import parse_job, world_size
 

@@ -3,7 +3,7 @@
 diffusers folder for ``--vae-path``. For offline demos and tests, where no FLUX.1 download exists: it is not a
 replacement for FLUX (``megatron_ov3/models/vae_fit.py`` says how it is trained).
 
-  python tools/fit_vae.py --data-path 'data/synthetic-{00000..00019}.tar' --image-size 64 --seconds 60 --output vae/
+  python tools/fit_vae.py --data-path 'data/synthetic-{00000..00019}.tar' --image-size 64 --steps 1000 --output vae/
 """
 import json
 import os
@@ -38,8 +38,8 @@ def main(argv=None):
     p.add_argument("--data-path", required=True, help="image shards (brace notation, '::' joins)")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--output", required=True, help="new or empty folder for the diffusers VAE")
-    p.add_argument("--seconds", type=float, default=60.0, help="training time budget")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (default: time only)")
+    p.add_argument("--steps", type=int, default=1000, help="fitting steps (a number, not a time budget: the same "
+                   "VAE on any machine)")
     p.add_argument("--width", type=int, default=16, help="channels per level (FLUX: 128-512)")
     p.add_argument("--crop", type=int, default=None, help="train on random crops of this size (default: half the "
                    "image size; the VAE is convolutional)")
@@ -48,8 +48,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.image_size % 8 or args.image_size < 16:
         raise UsageError(f"--image-size {args.image_size} must be a multiple of 8 and >= 16")
-    if args.seconds <= 0 or args.width < 8:
-        raise UsageError("--seconds must be > 0 and --width >= 8")
+    if args.steps < 1 or args.width < 8:
+        raise UsageError(f"--steps {args.steps} must be >= 1 and --width {args.width} >= 8")
     from megatron_ov3.models.vae_fit import fit_vae, reconstruction_psnr
     from megatron_ov3.outputs import claim
 
@@ -57,8 +57,7 @@ def main(argv=None):
     claim(args.output, "fit_vae", "--output")
     held = max(1, len(images) // 10)
     crop = args.crop or max(16, args.image_size // 2 // 8 * 8)
-    ae, summary = fit_vae(images[held:], seconds=args.seconds, width=args.width, seed=args.seed,
-                          max_steps=args.max_steps, crop=crop)
+    ae, summary = fit_vae(images[held:], steps=args.steps, width=args.width, seed=args.seed, crop=crop)
     summary.update(images=len(images) - held, heldout_images=held, heldout_psnr=reconstruction_psnr(ae, images[:held]))
     ae.save_pretrained(args.output, safe_serialization=True)
     with open(os.path.join(args.output, "fit_vae.json"), "w") as f:

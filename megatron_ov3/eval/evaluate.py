@@ -109,7 +109,24 @@ def format_table(report: Dict) -> str:
     return "\n".join(f"{k:<{w}}  {v:.4f}" if isinstance(v, float) else f"{k:<{w}}  {v}" for k, v in report.items())
 
 
-def save_grid(grid: torch.Tensor, path: str) -> None:
-    from PIL import Image
+GRID_ROWS = ("input", "VAE alone", "OV3")
 
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+
+def save_grid(grid: torch.Tensor, path: str, labels=GRID_ROWS, min_tile: int = 160) -> None:
+    """The :func:`~megatron_ov3.eval.metrics.image_grid` as a PNG a person can read: each tile upscaled (nearest,
+    so pixels stay pixels) to at least ``min_tile`` pixels, and each row named at its left."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rows = len(labels)
+    img = Image.fromarray(grid.permute(1, 2, 0).numpy())
+    tile = img.height // rows
+    scale = max(1, -(-min_tile // tile))
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    font = ImageFont.load_default(size=max(12, tile * scale // 8))
+    margin = int(max(draw_len for draw_len in (font.getlength(t) for t in labels))) + 16
+    out = Image.new("RGB", (img.width + margin, img.height), "white")
+    out.paste(img, (margin, 0))
+    draw = ImageDraw.Draw(out)
+    for i, text in enumerate(labels):
+        draw.text((8, i * tile * scale + tile * scale // 2), text, fill="black", font=font, anchor="lm")
+    out.save(path)

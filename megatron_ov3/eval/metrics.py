@@ -125,10 +125,10 @@ def zero_shot_topk(image_emb: torch.Tensor, class_emb: torch.Tensor, labels: tor
 
 
 def image_grid(originals: torch.Tensor, recons, max_images: int = 16) -> torch.Tensor:
-    """(3, H', W') uint8 grid: each row an original next to its reconstruction(s) (a tensor or a list of them,
-    e.g. ``[VAE alone, OV3]``), left to right."""
+    """(3, H', W') uint8 grid: the first row the originals, each further row their reconstructions by one model
+    (a tensor or a list of them, e.g. ``[VAE alone, OV3]``), image i in column i."""
     recons = [recons] if isinstance(recons, torch.Tensor) else list(recons)
     n = min(max_images, originals.shape[0])
-    rows = [torch.cat([originals[i]] + [r[i] for r in recons], dim=-1) for i in range(n)]
+    rows = [torch.cat(list(kind[:n]), dim=-1) for kind in [originals] + recons]
     grid = torch.cat(rows, dim=-2)
     return ((grid.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()

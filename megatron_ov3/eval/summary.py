@@ -21,8 +21,10 @@ def summarize(metrics: Sequence[dict], trained: Dict, untrained: Dict, vae_fit: 
     lines: List[str] = [f"losses, iteration {first['iteration']} -> {last['iteration']}:"]
     lines += [_row(k, first[k], last[k]) for k in loss_keys(metrics)]
     lines.append(f"\nreconstruction on {trained['num_images']} held-out images (PSNR dB / SSIM):")
-    lines.append(f"  frozen VAE alone       {trained['vae_psnr']:8.2f} / {trained['vae_ssim']:.3f}"
-                 + (f"   (fitted for {vae_fit['seconds']:.0f}s, {vae_fit['steps']} steps)" if vae_fit else ""))
+    lines.append(f"  frozen VAE alone       {trained['vae_psnr']:8.2f} / {trained['vae_ssim']:.3f}")
+    if vae_fit:
+        lines.append(f"  (the VAE is a stand-in for FLUX.1: its structure at width {vae_fit['width']}, fitted to "
+                     f"these images in {vae_fit['steps']} seeded steps)")
     lines.append(f"  OV3 untrained          {untrained['psnr']:8.2f} / {untrained['ssim']:.3f}")
     lines.append(f"  OV3 trained            {trained['psnr']:8.2f} / {trained['ssim']:.3f}"
                  f"   ({trained['psnr'] - trained['vae_psnr']:+.2f} dB from the VAE's own)")

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from dist_utils import run_distributed
+from dist_utils import free_port, run_distributed
 
 pytestmark = pytest.mark.distributed
 
@@ -65,7 +65,7 @@ def _tp_heads_worker(rank, world):
 
 
 def test_contrastive_matches_single_process(tmp_path):
-    run_distributed(_worker, WORLD, 29611, str(tmp_path), timeout=120)
+    run_distributed(_worker, WORLD, free_port(), str(tmp_path), timeout=120)
     ref_loss, ref_img, ref_txt, ref_scale = _reference()
     for r in range(WORLD):
         got = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
@@ -76,4 +76,4 @@ def test_contrastive_matches_single_process(tmp_path):
 
 
 def test_tensor_parallel_must_divide_heads():
-    run_distributed(_tp_heads_worker, 2, 29612, timeout=120)
+    run_distributed(_tp_heads_worker, 2, free_port(), timeout=120)

@@ -5,7 +5,7 @@ checked against torchao's Float8Linear in tests/unit/test_converters.py."""
 import pytest
 import torch
 
-from dist_utils import run_distributed
+from dist_utils import free_port, run_distributed
 
 pytest.importorskip("torchao.float8", reason="torchao is not installed")
 pytestmark = pytest.mark.distributed
@@ -49,4 +49,4 @@ def _worker(rank, world):
 
 
 def test_float8_converter_keeps_tp_and_sp_communication():
-    run_distributed(_worker, 2, 29631, timeout=180)
+    run_distributed(_worker, 2, free_port(), timeout=180)

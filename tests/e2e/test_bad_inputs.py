@@ -79,7 +79,8 @@ def test_readers_name_what_is_wrong_with_load_and_classnames(tmp_path):
     assert "holds no checkpoint" in one_error(run_inprocess(*convert, tmp_path / "empty"))
     assert "is a file" in one_error(run_inprocess(*convert, tmp_path / "file"))
     assert "does not exist" in one_error(run_inprocess(*convert, tmp_path / "missing"))
-    err = one_error(run_inprocess("tools/evaluate.py", "--load", tmp_path / "empty", "--data-path", "x.tar", "--tokenizer",
-                          "t.model", "--output", tmp_path / "ev", "--classnames", tmp_path / "names.txt"))
+    err = one_error(run_inprocess("tools/evaluate.py", "--load", tmp_path / "empty", "--data-path", "x.tar",
+                                  "--tokenizer", "t.model", "--output", tmp_path / "ev", "--classnames",
+                                  tmp_path / "names.txt"))
     assert "--classnames" in err and "names.txt" in err, err
     assert not (tmp_path / "ev").exists()

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+from dist_utils import free_port, run_inprocess
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -46,8 +48,7 @@ def test_benchmark_report(tmp_path):
                                   "vae_decode_vs_naive"}
     assert rep["versions"]["torch"] and rep["device"].startswith("CPU") and rep["config"]["micro_batch"] == 4
     # the README table from the report
-    t = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench_table.py"), str(out)],
-                       capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
+    t = run_inprocess("tools/bench_table.py", out)
     assert t.returncode == 0, t.stderr[-2000:]
     rows = {l.split("|")[1].strip(): l for l in t.stdout.splitlines() if l.startswith("| ") and "variant" not in l}
     assert set(rows) == {"ov3", "naive", "encoder", "encoder_local", "bare_vit", "vae_decode", "vae_decode_naive"}
@@ -55,8 +56,7 @@ def test_benchmark_report(tmp_path):
     assert f"ov3_vs_naive {rep['ratios']['ov3_vs_naive']:.2f}x" in t.stdout
     bad = tmp_path / "bad.json"
     bad.write_text('{"results": {}}')
-    t = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench_table.py"), str(bad)],
-                       capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
+    t = run_inprocess("tools/bench_table.py", bad)
     assert t.returncode == 2 and "not a tools/benchmark.py report" in t.stderr
 
 
@@ -79,16 +79,17 @@ def test_benchmark_fp8_and_compiled_layers(tmp_path):
 
 
 def test_benchmark_usage_errors():
-    r = _bench("--image-size", 30)
+    r = run_inprocess("tools/benchmark.py", "--image-size", 30)
     assert r.returncode == 2 and "multiple of 16" in r.stderr
-    r = _bench("--pixel-loss-fraction", 0)
+    r = run_inprocess("tools/benchmark.py", "--pixel-loss-fraction", 0)
     assert r.returncode == 2 and "(0, 1]" in r.stderr
 
 
 def test_benchmark_tensor_parallel_through_launcher(tmp_path):
     out = tmp_path / "tp2.json"
     ds = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    r = subprocess.run([ds, "--num_gpus", "2", "--master_port", "29598", os.path.join(ROOT, "tools", "benchmark.py"),
+    tool = os.path.join(ROOT, "tools", "benchmark.py")
+    r = subprocess.run([ds, "--num_gpus", "2", "--master_port", str(free_port()), tool,
                         "--model-size", "tiny", "--image-size", "32", "--micro-batch-size", "4", "--tiny-vae",
                         "--no-bf16", "--steps", "1", "--warmup", "1", "--no-bare", "--no-breakdown",
                         "--tensor-model-parallel-size", "2", "--json", str(out)], cwd=ROOT, capture_output=True,

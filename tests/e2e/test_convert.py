@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from dist_utils import subprocess_env
+from dist_utils import free_port, subprocess_env
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -30,9 +30,9 @@ def _train(tmp, port, *flags):
 @pytest.fixture(scope="module", params=["TP2", "PP2"])
 def ckpt(request, tmp_path_factory):
     if request.param == "TP2":
-        return _train(tmp_path_factory.mktemp("TP2"), 29760, "--tensor-model-parallel-size", 2)
+        return _train(tmp_path_factory.mktemp("TP2"), free_port(), "--tensor-model-parallel-size", 2)
     # the PP2 checkpoint also has a learned position table at a 4x4 grid, used resized to the 2x2 grid of 32px
-    return _train(tmp_path_factory.mktemp("PP2"), 29761, "--pipeline-model-parallel-size", 2,
+    return _train(tmp_path_factory.mktemp("PP2"), free_port(), "--pipeline-model-parallel-size", 2,
                   "--position-embedding-type", "learned", "--pos-embed-ref-grid", 4)
 
 

@@ -7,12 +7,14 @@ import sys
 
 import pytest
 
+from dist_utils import run_inprocess
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def tool(name, *args):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", name), *map(str, args)],
-                       capture_output=True, text=True, timeout=300)
+    """The tool's main in-process (its command-line wiring: tests/e2e/test_entry_points.py)."""
+    r = run_inprocess(os.path.join("tools", name), *args)
     return r.returncode, r.stdout, r.stderr
 
 

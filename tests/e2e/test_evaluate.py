@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from dist_utils import subprocess_env
+from dist_utils import free_port, subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DS = os.path.join(os.path.dirname(sys.executable), "deepspeed")
@@ -41,14 +41,14 @@ def trained(tmp_path_factory):
     return d, tok
 
 
-def _evaluate(d, tok, out, *extra, nproc=1, port=29780):
+def _evaluate(d, tok, out, *extra, nproc=1):
     args = ["--load", str(d / "ck"), "--data-path", str(d / "heldout" / "synthetic-{00000..00003}.tar"),
             "--tokenizer", tok, "--micro-batch-size", "16", "--classnames", str(d / "classes.txt"),
             "--output", str(out), *extra]
     env = subprocess_env(ROOT)
     tool = os.path.join(ROOT, "tools", "evaluate.py")
     cmd = [sys.executable, tool, *args] if nproc == 1 else \
-        [DS, "--num_gpus", str(nproc), "--master_port", str(port), tool, *args]
+        [DS, "--num_gpus", str(nproc), "--master_port", str(free_port()), tool, *args]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.load(open(out / "report.json"))

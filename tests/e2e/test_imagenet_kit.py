@@ -15,13 +15,15 @@ from megatron_ov3.data.shards import expand_urls, iter_tar_samples
 from megatron_ov3.eval.classes import (SIMPLE_TEMPLATES, classnames, clip_templates, imagenet_classes,
                                       imagenet_label, templates)
 
+from dist_utils import run_inprocess
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WNIDS = {"n01440764": 0, "n01443537": 1, "n15075141": 999}  # tench, goldfish, toilet paper
 
 
 def tool(name, *args):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", name), *map(str, args)], capture_output=True,
-                       text=True, timeout=600)
+    """The tool's main in-process (its command-line wiring: tests/e2e/test_entry_points.py)."""
+    r = run_inprocess(os.path.join("tools", name), *args)
     return r.returncode, r.stdout, r.stderr
 
 

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from dist_utils import free_port, run_inprocess
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 pytestmark = pytest.mark.distributed
 
@@ -24,7 +26,7 @@ def test_measured_runs_next_to_calibrated_prediction(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "study"
     r = _tool("scaling_study.py", "--model-size", "tiny", "--image-size", 32, "--global-batch-size", 8,
-              "--measure", 1, 2, 4, "--measure-iters", 2, "--calibrate", bench, "--master-port", 29650,
+              "--measure", 1, 2, 4, "--measure-iters", 2, "--calibrate", bench, "--master-port", free_port(),
               "--output", out)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
     rep = json.load(open(out / "measured.json"))
@@ -43,14 +45,13 @@ def test_measured_runs_next_to_calibrated_prediction(tmp_path):
     assert "| 4p TP1 PP1 ZeRO-1 |" in r.stdout
 
 
-def test_measured_mode_usage_errors(tmp_path):
-    r = _tool("scaling_study.py", "--model-size", "tiny", "--measure", "3:tp2", timeout=120)
-    assert r.returncode == 2 and "are not divisible by TP" in r.stderr
-    r = _tool("scaling_study.py", "--model-size", "tiny", "--measure", "2:fast", timeout=120)
-    assert r.returncode == 2 and "unknown part 'fast'" in r.stderr
-    r = _tool("scaling_study.py", "--model-size", "tiny", "--measure", "4:tp0", timeout=120)
-    assert r.returncode == 2 and "tp, pp and mb must be >= 1" in r.stderr
-    r = _tool("scaling_study.py", "--model-size", "tiny", "--global-batch-size", 0, timeout=120)
-    assert r.returncode == 2 and "--global-batch-size must be >= 1" in r.stderr
-    r = _tool("scaling_study.py", "--calibrate", tmp_path / "none.json", timeout=120)
-    assert r.returncode == 2 and "write it with tools/benchmark.py --json" in r.stderr
+@pytest.mark.parametrize("flags,words", [
+    (["--model-size", "tiny", "--measure", "3:tp2"], "are not divisible by TP"),
+    (["--model-size", "tiny", "--measure", "2:fast"], "unknown part 'fast'"),
+    (["--model-size", "tiny", "--measure", "4:tp0"], "tp, pp and mb must be >= 1"),
+    (["--model-size", "tiny", "--global-batch-size", 0], "--global-batch-size must be >= 1"),
+    (["--calibrate", "none.json"], "write it with tools/benchmark.py --json"),
+])
+def test_measured_mode_usage_errors(flags, words):
+    r = run_inprocess("tools/scaling_study.py", *flags)
+    assert r.returncode == 2 and words in r.stderr, r.stderr

@@ -85,6 +85,19 @@ def test_frechet_distance_against_scipy_symmetric_form():
     assert M.frechet_distance(a, b) == pytest.approx(want, rel=1e-6)
 
 
-def test_image_grid_shape():
-    g = M.image_grid(torch.zeros(3, 3, 8, 8), torch.ones(3, 3, 8, 8))
-    assert g.shape == (3, 24, 16) and g.dtype == torch.uint8 and g[0, 0, 0] == 128 and g[0, 0, 15] == 255
+def test_image_grid_rows_are_kinds_and_the_png_is_labelled_and_large(tmp_path):
+    g = M.image_grid(torch.zeros(3, 3, 8, 8), [torch.ones(3, 3, 8, 8), -torch.ones(3, 3, 8, 8)])
+    assert g.shape == (3, 24, 24) and g.dtype == torch.uint8  # rows: input | VAE alone | OV3; images across
+    assert g[0, 0, 23] == 128 and g[0, 8, 0] == 255 and g[0, 23, 0] == 0
+    from PIL import Image
+
+    from megatron_ov3.eval.evaluate import save_grid
+
+    save_grid(g, str(tmp_path / "grid.png"))
+    img = Image.open(tmp_path / "grid.png").convert("RGB")
+    w, h = img.size
+    assert h == 3 * 160 and w > 3 * 160  # tiles upscaled 20x (nearest), a label column at the left
+    margin = w - 3 * 160
+    assert img.getpixel((margin + 5, 5)) == (128, 128, 128) and img.getpixel((margin, 170)) == (255, 255, 255)
+    label = [img.getpixel((x, y)) for x in range(margin) for y in range(0, 160)]
+    assert (0, 0, 0) in label  # the row's name is drawn

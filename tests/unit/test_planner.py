@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from dist_utils import run_distributed
+from dist_utils import free_port, run_distributed
 from megatron_ov3.scaling.planner import Hardware, Layout, estimate, model_state_bytes, plan
 from megatron_ov3.models import get_config
 
@@ -70,7 +70,7 @@ def _measure(rank, world, zero, out):
 @pytest.mark.parametrize("zero", [0, 1, 2, 3])
 def test_matches_measured_bytes_per_rank(zero, tmp_path):
     out = tmp_path / "m.json"
-    run_distributed(_measure, 2, 29790 + zero, zero, str(out), timeout=240)
+    run_distributed(_measure, 2, free_port(), zero, str(out), timeout=240)
     m = json.load(open(out))
     pred = model_state_bytes(m["n"], 2, zero, bf16=False)
     for k in ("params", "optimizer"):

@@ -4,7 +4,6 @@ the g / bigG scaling recipes resolve without training (--dry-run, exit 0) to the
 samples, a stage-2 learning rate far below stage 1's, and the release-compatible encoder (class token, learned
 table, no VAE shift: OV3-B/2's vision tower has exactly the release's 85,893,120 parameters)."""
 import json
-import os
 
 import pytest
 
