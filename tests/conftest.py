@@ -71,6 +71,17 @@ def universal_init(tmp_path_factory):
     return d / "universal"
 
 
+@pytest.fixture(scope="session")
+def layout_runs(universal_init, tmp_path_factory):
+    """Every parallel layout's tiny training run (tests/layouts.py): {name: (metrics, stdout)}, each saving layout's
+    checkpoints in ``layout_runs.folder / name``."""
+    from layouts import run_all
+
+    d = tmp_path_factory.mktemp("layouts")
+    runs = run_all(d, str(universal_init))
+    return type("LayoutRuns", (dict,), {"folder": d})(runs)
+
+
 def pytest_collection_modifyitems(config, items):
     from megatron_ov3.models.specs import te_available
 

@@ -4,12 +4,11 @@ state dict (forward re-implemented with torch.nn.MultiheadAttention) and the ope
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
-from dist_utils import free_port, subprocess_env
+from dist_utils import run_inprocess
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -17,30 +16,15 @@ DS = os.path.join(os.path.dirname(sys.executable), "deepspeed")
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
-def _train(tmp, port, *flags):
-    env = subprocess_env(ROOT)
-    cmd = [DS, "--num_gpus", "2", "--master_port", str(port), "--module", "megatron_ov3.pretrain", "--mock-data",
-           "--tiny-vae", "--image-size", "32", "--class-token", "--micro-batch-size", "4", "--global-batch-size",
-           "4", "--train-iters", "2", "--lr", "1e-2", "--save", str(tmp), *map(str, flags)]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return str(tmp)
-
-
 @pytest.fixture(scope="module", params=["TP2", "PP2"])
-def ckpt(request, tmp_path_factory):
-    if request.param == "TP2":
-        return _train(tmp_path_factory.mktemp("TP2"), free_port(), "--tensor-model-parallel-size", 2)
-    # the PP2 checkpoint also has a learned position table at a 4x4 grid, used resized to the 2x2 grid of 32px
-    return _train(tmp_path_factory.mktemp("PP2"), free_port(), "--pipeline-model-parallel-size", 2,
-                  "--position-embedding-type", "learned", "--pos-embed-ref-grid", 4)
+def ckpt(request, layout_runs):
+    """A tiny OV3 trained 2 steps with TP2, or with PP2 and a learned 4x4 position table (resized to 32px's 2x2
+    grid), through the DeepSpeed launcher (tests/layouts.py EXPORT_SOURCES)."""
+    return str(layout_runs.folder / f"export-{request.param}")
 
 
 def _convert(*args):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_to_hf.py"), "--no-progress",
-                        *map(str, args)], capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1"))
-    return r
+    return run_inprocess("tools/convert_to_hf.py", "--no-progress", *args, env={"HF_HUB_OFFLINE": "1"})
 
 
 def _reference(ckpt_dir):
@@ -228,9 +212,8 @@ def test_convert_errors(tmp_path):
 def test_init_checkpoint_takes_the_encoder_options_and_exports(tmp_path):
     """An exportable (release-layout) checkpoint without training: init_checkpoint.py takes training's model flags."""
     init = tmp_path / "init"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "init_checkpoint.py"), "--image-size", "32",
-                        "--class-token", "--position-embedding-type", "learned", "--pos-embed-ref-grid", "2",
-                        "--output", init], capture_output=True, text=True, timeout=300)
+    r = run_inprocess("tools/init_checkpoint.py", "--image-size", "32", "--class-token", "--position-embedding-type",
+                      "learned", "--pos-embed-ref-grid", "2", "--output", init)
     assert r.returncode == 0, r.stderr[-3000:]
     cfg = json.load(open(init / "universal" / "meta.json"))["model_config"]
     assert cfg["class_token"] and cfg["position_embedding_type"] == "learned" and cfg["image_size"] == 32

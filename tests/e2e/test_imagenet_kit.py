@@ -4,8 +4,6 @@ hand-computed answer, and tools/evaluate.py --classnames imagenet end to end."""
 import io
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest

@@ -10,15 +10,19 @@ import sys
 
 import pytest
 
-from dist_utils import subprocess_env
+from dist_utils import run_inprocess, subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 llava = pytest.importorskip("llava", reason="llava-torch is installed by `make install` (pip install --no-deps)")
 
 
 def _run(*cmd, env=None):
-    r = subprocess.run([sys.executable, *map(str, cmd)], cwd=ROOT, env=env or subprocess_env(ROOT),
-                       capture_output=True, text=True, timeout=600)
+    """Our tools in-process; LLaVA's own code (another PYTHONPATH) in a child process."""
+    if env is None and str(cmd[0]).startswith("tools/"):
+        r = run_inprocess(*cmd)
+    else:
+        r = subprocess.run([sys.executable, *map(str, cmd)], cwd=ROOT, env=env or subprocess_env(ROOT),
+                           capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout
 
@@ -52,6 +56,5 @@ def test_patch_then_llava_trains_with_the_ov3_tower(export, tmp_path):
 
 
 def test_patch_refuses_a_tree_that_is_not_llava(tmp_path):
-    r = subprocess.run([sys.executable, "tools/llava_patch.py", "--llava", tmp_path], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120, env=subprocess_env(ROOT))
+    r = run_inprocess("tools/llava_patch.py", "--llava", tmp_path)
     assert r.returncode == 2 and "holds no LLaVA multimodal_encoder/builder.py" in r.stderr

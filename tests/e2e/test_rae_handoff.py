@@ -15,12 +15,16 @@ import pytest
 import torch
 import yaml
 
-from dist_utils import subprocess_env
+from dist_utils import run_inprocess, subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _run(*cmd, env=None, cwd=ROOT):
+    """Our tools in-process; RAE's own code (another PYTHONPATH) in a child process."""
+    if env is None and str(cmd[0]).startswith("tools/"):
+        r = run_inprocess(*cmd)
+        return r.returncode, r.stdout, r.stderr
     r = subprocess.run([sys.executable, *map(str, cmd)], cwd=cwd, env=env or subprocess_env(ROOT),
                        capture_output=True, text=True, timeout=600)
     return r.returncode, r.stdout, r.stderr
