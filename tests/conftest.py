@@ -35,6 +35,15 @@ def tiny_data(tmp_path_factory):
     return tiny_dataset(tmp_path_factory.mktemp("tiny_data"))
 
 
+@pytest.fixture(scope="session")
+def launcher_run(tiny_data, tmp_path_factory):
+    """The tiny recipe on ``tiny_data`` through ``deepspeed --num_gpus 2``, 6 straight iterations saving every 2:
+    (metrics, stdout, checkpoint folder); the reference of the exact-resume and multi-node runs."""
+    from launcher_runs import straight_run
+
+    return straight_run(tiny_data, tmp_path_factory.mktemp("straight"))
+
+
 # the one tiny training run whose checkpoint the checkpoint, output-folder and bad-input tests read (or damage,
 # after copying it); it also writes the run's own tensorboard and metrics inside its --save folder
 TINY_TRAIN = ["-m", "megatron_ov3.pretrain", "--mock-data", "--tiny-vae", "--image-size", "32", "--micro-batch-size",
@@ -88,6 +97,8 @@ def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU; none on this machine (run on the device machine)")
     skip_te = pytest.mark.skip(reason="needs Transformer Engine, which does not import here")
     for item in items:
+        if "distributed" in item.keywords:  # several processes: never in `make test-fast`
+            item.add_marker(pytest.mark.slow)
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
         if "te" in item.keywords and not te_available():

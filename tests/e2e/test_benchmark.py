@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from dist_utils import free_port, run_inprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+pytestmark = pytest.mark.slow  # times the benchmark, compiled layers included
 
 
 def _bench(*flags):

@@ -12,6 +12,7 @@ from dist_utils import run_inprocess
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+pytestmark = pytest.mark.slow  # its checkpoints come from the layout runs' launches
 DS = os.path.join(os.path.dirname(sys.executable), "deepspeed")
 TOL = dict(atol=1e-5, rtol=1e-5)
 

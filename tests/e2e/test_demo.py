@@ -4,9 +4,12 @@ the report prints the VAE next to OV3, chance levels, and writes grid.png and cu
 import os
 import subprocess
 
+import pytest
+
 from dist_utils import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+pytestmark = pytest.mark.slow  # runs the whole demo script
 
 
 def test_short_demo_reports_what_the_full_one_does(tmp_path):

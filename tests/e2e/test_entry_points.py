@@ -8,6 +8,7 @@ import pytest
 from dist_utils import one_error, run_python
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+pytestmark = pytest.mark.slow  # one Python start-up per entry point
 TOOLS = sorted(f for f in os.listdir(os.path.join(ROOT, "tools")) if f.endswith(".py") and not f.startswith("_"))
 
 

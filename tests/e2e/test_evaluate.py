@@ -11,6 +11,7 @@ import pytest
 from dist_utils import free_port, subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+pytestmark = pytest.mark.slow  # trains 150 iterations and evaluates through the launcher
 DS = os.path.join(os.path.dirname(sys.executable), "deepspeed")
 
 

@@ -13,6 +13,7 @@ import pytest
 from dist_utils import run_inprocess, subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+pytestmark = pytest.mark.slow  # LLaVA's code runs in its own process
 llava = pytest.importorskip("llava", reason="llava-torch is installed by `make install` (pip install --no-deps)")
 
 

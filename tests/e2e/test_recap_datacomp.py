@@ -19,7 +19,10 @@ from megatron_ov3.data import DataConfig, DataIterator
 from megatron_ov3.data.pipeline import sentences
 from megatron_ov3.data.tokenizer import Tokenizer
 
+from dist_utils import run_inprocess
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+pytestmark = pytest.mark.slow  # runs img2dataset against a local HTTP server
 ROWS = 24
 MISSING = 7  # this row's URL answers 404: img2dataset counts it as a failure, the shards hold the rest
 COLOURS = ["red", "green", "blue", "yellow"]
@@ -95,8 +98,7 @@ def recap(tmp_path_factory):
         server.shutdown()
         server.server_close()
     spec = str(d / "shards" / "{00000..00004}.tar")
-    r = subprocess.run([sys.executable, "tools/train_tokenizer.py", "--data-path", spec, "--output-prefix",
-                        str(d / "tok"), "--vocab-size", "96"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = run_inprocess("tools/train_tokenizer.py", "--data-path", spec, "--output-prefix", d / "tok", "--vocab-size", 96)
     assert r.returncode == 0, r.stderr[-2000:]
     return spec, str(d / "tok.model"), rows
 
@@ -187,12 +189,9 @@ def test_one_caption_data_feeds_its_caption_to_both_towers(tmp_path, recap):
 
 def test_training_runs_on_the_img2dataset_shards(recap, tmp_path):
     spec, tok, _ = recap
-    from tests.dist_utils import subprocess_env
-
-    r = subprocess.run([sys.executable, "-m", "megatron_ov3.pretrain", "--data-path", spec, "--tokenizer", tok,
-                        "--tiny-vae", "--image-size", "32", "--micro-batch-size", "4", "--global-batch-size", "4",
-                        "--train-iters", "2", "--log-interval", "1", "--num-workers", "1",
-                        "--text-encoder-caption", "alt-or-recap-sentence", "--save", str(tmp_path / "ck")],
-                       cwd=ROOT, env=subprocess_env(ROOT), capture_output=True, text=True, timeout=300)
+    r = run_inprocess("-m", "megatron_ov3.pretrain", "--data-path", spec, "--tokenizer", tok, "--tiny-vae",
+                      "--image-size", "32", "--micro-batch-size", "4", "--global-batch-size", "4", "--train-iters", "2",
+                      "--log-interval", "1", "--num-workers", "1", "--text-encoder-caption", "alt-or-recap-sentence",
+                      "--save", tmp_path / "ck")
     assert r.returncode == 0, r.stderr[-3000:]
     assert re.search(r"iteration +2/2 ", r.stdout) and (tmp_path / "ck" / "latest").read_text() == "iter_0000002"

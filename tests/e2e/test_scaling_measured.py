@@ -11,7 +11,7 @@ import pytest
 from dist_utils import free_port, run_inprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
 def _tool(name, *flags, timeout=900):

@@ -1,6 +1,5 @@
 """The training job through the real DeepSpeed launcher on CPU (gloo): run, exact resume, crash safety,
 SIGTERM, usage errors."""
-import json
 import os
 import signal
 import subprocess
@@ -10,8 +9,10 @@ import time
 import pytest
 
 from dist_utils import free_port, run_inprocess, subprocess_env
+from launcher_runs import launch, metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+pytestmark = pytest.mark.slow  # launches the DeepSpeed launcher and signals real processes
 DS = os.path.join(os.path.dirname(sys.executable), "deepspeed")
 
 
@@ -20,31 +21,9 @@ def dataset(tiny_data):
     return tiny_data
 
 
-def _env(dataset, ckpt, **extra):
-    env = dict(os.environ, DATA_PATH=dataset[0], TOKENIZER=dataset[1], CHECKPOINT_PATH=str(ckpt),
-               IMAGE_SIZE="32", MICRO_BATCH="4", GLOBAL_BATCH="8", NUM_WORKERS="1", PYTHONPATH=ROOT)
-    env.update(extra)
-    return env
-
-
-def launch(dataset, ckpt, *flags, timeout=300, **extra):
-    cmd = [DS, "--num_gpus", "2", "--master_port", str(free_port()), "examples/pretrain_ov3_tiny.sh",
-           "--log-interval", "1", *map(str, flags)]
-    return subprocess.run(cmd, cwd=ROOT, env=_env(dataset, ckpt, **extra), capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def metrics(path):
-    return [json.loads(l) for l in open(path)]
-
-
 @pytest.fixture(scope="module")
-def straight(dataset, tmp_path_factory):
-    """6 uninterrupted iterations through the launcher, saving every 2: (metrics, stdout, checkpoint folder)."""
-    d = tmp_path_factory.mktemp("straight")
-    r = launch(dataset, d / "ck", "--train-iters", 6, "--save-interval", 2, "--metrics-file", d / "a.jsonl")
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return metrics(d / "a.jsonl"), r.stdout, d / "ck"
+def straight(launcher_run):
+    return launcher_run
 
 
 def test_launcher_run_output_and_checkpoint(straight):
