@@ -39,9 +39,9 @@ def exit_with(main):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors and exit code 2 (argparse's own behaviour, kept explicit)."""
+    """argparse with one-line errors and exit code 2: the error and where the options are listed, without
+    argparse's usage block (dozens of lines for the training flags) in front of it."""
 
     def error(self, message):
-        self.print_usage(sys.stderr)
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {message} (every option: {self.prog} --help)", file=sys.stderr)
         sys.exit(2)

@@ -11,15 +11,59 @@ import ast
 import dataclasses
 import functools
 import inspect
+import math
 import textwrap
 from typing import Dict, Optional, Sequence
 
 
 def cli(flag: Optional[str] = None, *, choices: Optional[Sequence] = None, aliases: Sequence[str] = (),
-        metavar: Optional[str] = None) -> dict:
-    """Metadata marking a dataclass field as a command-line option. ``flag`` defaults to ``--field-name``."""
+        metavar: Optional[str] = None, low: Optional[float] = None, high: Optional[float] = None,
+        low_open: bool = False, high_open: bool = False) -> dict:
+    """Metadata marking a dataclass field as a command-line option. ``flag`` defaults to ``--field-name``.
+    ``low``/``high`` bound a number (or every number of a list), inclusive unless ``low_open``/``high_open``;
+    :func:`check_numbers` enforces them, and finiteness of every float, for flags and files alike."""
     return {"cli": {"flag": flag, "choices": tuple(choices) if choices else None, "aliases": tuple(aliases),
-                    "metavar": metavar}}
+                    "metavar": metavar, "range": (low, high, low_open, high_open)}}
+
+
+def _range_text(low, high, low_open, high_open) -> str:
+    parts = []
+    if low is not None:
+        parts.append(f"{'>' if low_open else '>='} {low:g}")
+    if high is not None:
+        parts.append(f"{'<' if high_open else '<='} {high:g}")
+    return " and ".join(parts)
+
+
+def number_error(f: dataclasses.Field, value) -> Optional[str]:
+    """Why ``value`` is not a valid number for the flagged field ``f`` (None when it is, or is not a number)."""
+    rng = f.metadata.get("cli", {}).get("range", (None, None, False, False))
+    low, high, low_open, high_open = rng
+    for x in (value if isinstance(value, (list, tuple)) else [value]):
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            continue
+        bad = isinstance(x, float) and not math.isfinite(x)
+        bad = bad or (low is not None and (x <= low if low_open else x < low))
+        bad = bad or (high is not None and (x >= high if high_open else x > high))
+        if bad:
+            want = _range_text(*rng)
+            each = "each value " if isinstance(value, (list, tuple)) else ""
+            return f"{each}must be a finite number{' ' + want if want else ''}"
+    return None
+
+
+def check_numbers(obj) -> None:
+    """Every flagged number of the dataclass ``obj`` is finite and within its field's declared range: the one
+    rule for numbers, so ``--dry-run`` refuses what a launch would (a usage error naming the flag)."""
+    from .errors import UsageError
+
+    for f in dataclasses.fields(obj):
+        if "cli" not in f.metadata:
+            continue
+        value = getattr(obj, f.name)
+        why = number_error(f, value)
+        if why:
+            raise UsageError(f"{flag_of(f)} {value!r} {why}")
 
 
 def flag_of(f: dataclasses.Field) -> Optional[str]:

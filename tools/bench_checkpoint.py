@@ -13,7 +13,6 @@ Per method: stall (s), time until sealed and published on disk (in the backgroun
 rank (``/proc/self/io`` wchar: max and rank 0), peak-RSS growth per rank (peak reset before each method), and
 the stall relative to native.
 """
-import argparse
 import json
 import os
 import shutil
@@ -21,7 +20,7 @@ import sys
 import time
 
 import _bootstrap  # noqa: F401
-from megatron_ov3.cli import exit_with
+from megatron_ov3.cli import Parser, exit_with
 
 
 def _io_and_memory(field: str):
@@ -84,7 +83,7 @@ def main(argv=None):
     from megatron_ov3.checkpointing.restore import current_layout
     from megatron_ov3.training import trainer as T
 
-    bench = argparse.ArgumentParser(description=__doc__, add_help=False,
+    bench = Parser(description=__doc__, add_help=False,
                                     epilog="All other flags are training's: python -m megatron_ov3.pretrain --help")
     bench.add_argument("--bench-dir", required=True, help="scratch folder for the checkpoints (emptied per method)")
     bench.add_argument("--bench-repeats", type=int, default=2, help="saves per method; the best is reported")

@@ -32,7 +32,7 @@ from ..errors import UsageError
 from ..models.config import LayerImplConfig, OV3Config
 from ..models.sizes import SIZES, get_config
 from ..models.vae import VAEConfig
-from ..options import cli
+from ..options import check_numbers, cli
 from . import tree as T
 
 
@@ -77,21 +77,21 @@ class TrainConfig:
 class OptimConfig:
     """AdamW with linear warmup and cosine decay to ``min_lr`` (the OpenVision recipe)."""
 
-    lr: float = field(default=5e-4, metadata=cli())
+    lr: float = field(default=5e-4, metadata=cli(low=0, low_open=True))
     """Peak learning rate."""
-    min_lr: float = field(default=0.0, metadata=cli())
+    min_lr: float = field(default=0.0, metadata=cli(low=0))
     """Learning rate at the end of the cosine decay."""
-    lr_warmup_iters: int = field(default=0, metadata=cli())
+    lr_warmup_iters: int = field(default=0, metadata=cli(low=0))
     """Iterations of linear warmup from 0."""
-    weight_decay: float = field(default=0.2, metadata=cli())
+    weight_decay: float = field(default=0.2, metadata=cli(low=0))
     """AdamW weight decay on the parameters the model does not exempt (see OV3Model.no_weight_decay)."""
-    adam_beta1: float = field(default=0.9, metadata=cli())
+    adam_beta1: float = field(default=0.9, metadata=cli(low=0, high=1, high_open=True))
     """AdamW beta1."""
-    adam_beta2: float = field(default=0.95, metadata=cli())
+    adam_beta2: float = field(default=0.95, metadata=cli(low=0, high=1, high_open=True))
     """AdamW beta2."""
-    adam_eps: float = field(default=1e-8, metadata=cli())
+    adam_eps: float = field(default=1e-8, metadata=cli(low=0, low_open=True))
     """AdamW epsilon."""
-    clip_grad: float = field(default=1.0, metadata=cli())
+    clip_grad: float = field(default=1.0, metadata=cli(low=0))
     """Clip the global gradient norm to this (DeepSpeed gradient_clipping; 0: off)."""
 
     def validate(self) -> None:
@@ -335,8 +335,7 @@ def resolve(raw: Mapping[str, Mapping[str, Any]], where: str = "configuration",
         if name in raw.get(section, {}):
             raise UsageError(f"{where}: {section}.{name} is set from {owner}; set that instead")
     for section, values in raw.items():
-        if section != "model":
-            T.check_types(SECTIONS[section], values, where)
+        T.check_types(SECTIONS[section], values, where)
     data_raw = raw.get("data", {})
     vocab = None
     if tokenizer_vocab and data_raw.get("tokenizer"):
@@ -347,11 +346,14 @@ def resolve(raw: Mapping[str, Mapping[str, Any]], where: str = "configuration",
     train = TrainConfig(**raw.get("train", {}))
     data = DataConfig(**data_raw, micro_batch_size=train.micro_batch_size or 1, image_size=model.image_size,
                       seed=train.seed, text_length=model.text_context_length, caption_length=model.caption_length)
-    return JobConfig(model=model, layers=LayerImplConfig(**raw.get("layers", {})), vae=VAEConfig(**raw.get("vae", {})),
-                     data=data, train=train, optim=OptimConfig(**raw.get("optim", {})),
-                     parallel=ParallelConfig(**raw.get("parallel", {})),
-                     checkpoint=CheckpointConfig(**raw.get("checkpoint", {})),
-                     logging=LoggingConfig(**raw.get("logging", {})), eval=EvalConfig(**raw.get("eval", {})))
+    job = JobConfig(model=model, layers=LayerImplConfig(**raw.get("layers", {})), vae=VAEConfig(**raw.get("vae", {})),
+                    data=data, train=train, optim=OptimConfig(**raw.get("optim", {})),
+                    parallel=ParallelConfig(**raw.get("parallel", {})),
+                    checkpoint=CheckpointConfig(**raw.get("checkpoint", {})),
+                    logging=LoggingConfig(**raw.get("logging", {})), eval=EvalConfig(**raw.get("eval", {})))
+    for section in SECTIONS:
+        check_numbers(getattr(job, section))  # finite and in each field's declared range, flags and files alike
+    return job
 
 
 def build_parser(prog: str = "python -m megatron_ov3.pretrain") -> argparse.ArgumentParser:

@@ -47,6 +47,7 @@ from .shards import (LATENT_MANIFEST, RECAPTION_KEY, caption_of, decode_latent, 
 TEXT_CHOICES = ("alt", "recap-sentence", "alt-or-recap-sentence")
 REASONS = ("bad_shard", "bad_image", "missing_image", "missing_caption", "empty_caption", "bad_latent", "wrong_kind",
            "duplicate_member", "lost_sample", "too_large")
+UNUSABLE_STREAK = 2000  # raw samples in a row without a usable one: the source holds nothing to train on
 
 
 @dataclass
@@ -60,7 +61,7 @@ class DataConfig:
     """Path of the sentencepiece model (tools/train_tokenizer.py)."""
     mock_data: bool = field(default=False, metadata=cli())
     """Deterministic synthetic batches indexed by global sample, layout-independent (tests, benchmarks)."""
-    data_weights: Optional[List[float]] = field(default=None, metadata=cli())
+    data_weights: Optional[List[float]] = field(default=None, metadata=cli(low=0, low_open=True))
     """Sampling weight per source (default: equal)."""
     resample: bool = field(default=False, metadata=cli("--data-resample"))
     """Draw shards with replacement (infinite, no epochs) instead of epoch-wise disjoint splitting."""
@@ -83,14 +84,14 @@ class DataConfig:
     """Training augmentation as OpenVision's configs: inception crop, then SimCLR colour jitter and grayscale
     (megatron_ov3/data/images.py), seeded per sample and epoch. --no-augment: shorter-side resize and centre
     crop, which evaluation always uses."""
-    crop_min_area: float = field(default=0.4, metadata=cli())
+    crop_min_area: float = field(default=0.4, metadata=cli(low=0, high=1, low_open=True))
     """Inception crop: the smallest crop as a fraction of the image area (OpenVision's area_min=40); aspect
     ratio 3/4..4/3; resampled bilinear, antialiased."""
-    color_jitter: float = field(default=0.4, metadata=cli())
+    color_jitter: float = field(default=0.4, metadata=cli(low=0, high=1))
     """SimCLR colour-jitter strength s (OpenVision's jitter_strength=0.4): brightness, contrast and saturation
     factors in [1-0.8s, 1+0.8s] and a hue shift in [-0.2s, 0.2s], in a random order, with probability 0.8;
     0: no jitter."""
-    grayscale_prob: float = field(default=0.2, metadata=cli())
+    grayscale_prob: float = field(default=0.2, metadata=cli(low=0, high=1))
     """Probability that a training view is made grayscale (SimCLR and OpenVision: 0.2)."""
     text_encoder_caption: str = field(default="alt", metadata=cli(choices=TEXT_CHOICES))
     """Two-caption data (Recap-DataComp: alt-text in KEY.txt, recaption in KEY.json): what the contrastive
@@ -354,11 +355,16 @@ class ShardStream(IterableDataset):
             pass
         replaying[0] = False
         batch: List[dict] = []
+        streak, at_streak = 0, list(bad)
         for smp in raw:
             pos += 1
             dec = self._decode(smp, count)
             if dec is None:
+                streak += 1
+                if streak >= UNUSABLE_STREAK:
+                    self._nothing_usable(streak, at_streak, bad)
                 continue
+            streak, at_streak = 0, list(bad)
             batch.append(dec)
             if len(batch) == self.cfg.micro_batch_size:
                 out = collate(batch)
@@ -370,12 +376,31 @@ class ShardStream(IterableDataset):
         # counts of the samples read after the last full batch
         yield self._status({"_status_only": torch.tensor(1)}, w, pos, bad)
 
+    def _nothing_usable(self, streak: int, before: List[int], bad: List[int]) -> None:
+        """Stop a stream that reads samples but can train on none (every image empty, no caption, ...): without
+        this an endless epoch loop over such shards would wait for a batch forever."""
+        why = ", ".join(f"{r} {b - a}" for r, a, b in zip(REASONS, before, bad) if b > a) or "no reason counted"
+        where = "; ".join(f"source {i + 1}: {shards[0]!r}" + (f" (+{len(shards) - 1} more)" if len(shards) > 1 else "")
+                          for i, shards in enumerate(self.sources))
+        raise UsageError(f"the last {streak} samples read were all unusable ({why}) in {where}; each sample needs "
+                         f"a decodable image (jpg/png/webp) and a caption (.txt or a json 'caption'/'text')")
+
     @staticmethod
     def _status(out, w, pos, bad):
         out["_worker"] = torch.tensor(w)
         out["_raw_pos"] = torch.tensor(pos)
         out["_bad"] = torch.tensor(bad)
         return out
+
+
+def worker_error_line(message: str) -> str:
+    """The user's one line of an error re-raised from a DataLoader worker (whose message is a header and the
+    worker's traceback, ending in ``module.Class: the line``)."""
+    if not message.startswith("Caught "):
+        return message
+    last = [line for line in message.strip().splitlines() if line.strip()][-1]
+    head, sep, rest = last.partition(": ")
+    return rest if sep and " " not in head else last
 
 
 def sentences(text: str) -> List[str]:
@@ -446,7 +471,10 @@ class DataIterator:
         if self._it is None:
             self._it = self._make()
         while True:
-            batch = next(self._it)
+            try:
+                batch = next(self._it)
+            except UsageError as e:  # from a loader worker: "Caught UsageError in DataLoader worker..." + traceback
+                raise UsageError(worker_error_line(str(e))) from None
             w = int(batch.pop("_worker"))
             self.raw_pos[w] = int(batch.pop("_raw_pos"))
             self.bad[w] = batch.pop("_bad").tolist()

@@ -119,18 +119,26 @@ def image_bytes(sample: Dict) -> Optional[bytes]:
     return None
 
 
+def _json_object(sample: Dict) -> Optional[dict]:
+    """``KEY.json`` as a dict; None when absent, not JSON, or JSON of another kind (a list, a number): such a
+    sample is counted as caption-less by the caller, never fatal."""
+    if "json" not in sample:
+        return None
+    try:
+        meta = json.loads(sample["json"])
+    except ValueError:
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
 def caption_of(sample: Dict) -> Optional[str]:
     """Caption from ``.txt``, else ``caption``/``text`` in ``.json``; None when absent."""
     if "txt" in sample:
         return sample["txt"].decode("utf-8", errors="replace")
-    if "json" in sample:
-        try:
-            meta = json.loads(sample["json"])
-        except ValueError:
-            return None
-        for k in ("caption", "text"):
-            if isinstance(meta.get(k), str):
-                return meta[k]
+    meta = _json_object(sample) or {}
+    for k in ("caption", "text"):
+        if isinstance(meta.get(k), str):
+            return meta[k]
     return None
 
 
@@ -140,13 +148,7 @@ RECAPTION_KEY = "re_caption"  # Recap-DataComp-1B's recaption column, kept in KE
 def recaption_of(sample: Dict, key: str = RECAPTION_KEY) -> Optional[str]:
     """The second caption of a two-caption sample: field ``key`` of ``KEY.json`` (img2dataset writes the
     parquet's extra columns there); None when absent or empty."""
-    if "json" not in sample:
-        return None
-    try:
-        meta = json.loads(sample["json"])
-    except ValueError:
-        return None
-    value = meta.get(key) if isinstance(meta, dict) else None
+    value = (_json_object(sample) or {}).get(key)
     return value.strip() if isinstance(value, str) and value.strip() else None
 
 

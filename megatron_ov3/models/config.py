@@ -112,7 +112,7 @@ class OV3Config:
     """LayerNorm epsilon of every tower (OpenVision uses 1e-6)."""
 
     # --- reconstruction branch ---
-    decoder_noise_tau: float = field(default=0.8, metadata=cli())
+    decoder_noise_tau: float = field(default=0.8, metadata=cli(low=0))
     """Training-time noise on encoder tokens before the decoder: sigma ~ U[0, tau] per sample (RAE uses
     0.8; the paper does not publish its value). No noise in eval mode."""
 
@@ -127,23 +127,23 @@ class OV3Config:
     """Token id used for padding; padded caption positions carry no loss, text pooling ignores them."""
 
     # --- losses (paper defaults: L = 0.5*(pixel + 0.4*latent + lpips_w*lpips) + caption + contrastive) ---
-    reconstruction_weight: float = field(default=0.5, metadata=cli())
+    reconstruction_weight: float = field(default=0.5, metadata=cli(low=0))
     """Weight of the whole reconstruction loss L_rec in the total."""
-    pixel_l1_weight: float = field(default=1.0, metadata=cli())
+    pixel_l1_weight: float = field(default=1.0, metadata=cli(low=0))
     """Weight of the pixel L1 (through the frozen VAE decoder) inside L_rec."""
-    latent_l1_weight: float = field(default=0.4, metadata=cli())
+    latent_l1_weight: float = field(default=0.4, metadata=cli(low=0))
     """Weight of the latent L1 inside L_rec."""
-    lpips_weight: float = field(default=0.0, metadata=cli())
+    lpips_weight: float = field(default=0.0, metadata=cli(low=0))
     """Weight of LPIPS inside L_rec (paper: 0 in pre-training, 0.5 in fine-tuning). >0 needs lpips_path."""
-    pixel_loss_fraction: float = field(default=1.0, metadata=cli())
+    pixel_loss_fraction: float = field(default=1.0, metadata=cli(low=0, high=1, low_open=True))
     """Fraction of each micro batch (its first ceil(f*B) samples) whose predicted latents are decoded for the
     pixel L1/LPIPS losses. 1.0 is the paper's full pixel loss; below 1 is a documented deviation that cuts
     the VAE-decode cost (the dominant one) proportionally; the latent L1 still covers every sample."""
     lpips_path: Optional[str] = field(default=None, metadata=cli())
     """Local file with LPIPS (VGG) weights; required when lpips_weight > 0."""
-    caption_weight: float = field(default=1.0, metadata=cli())
+    caption_weight: float = field(default=1.0, metadata=cli(low=0))
     """Weight of the captioning cross-entropy."""
-    contrastive_weight: float = field(default=1.0, metadata=cli())
+    contrastive_weight: float = field(default=1.0, metadata=cli(low=0))
     """Weight of the CLIP contrastive loss."""
     freeze_encoder: bool = field(default=False, metadata=cli())
     """Reconstruction-only fine-tune (as RAE and the paper's generation experiments need): the encoder, the text

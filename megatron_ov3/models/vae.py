@@ -72,7 +72,7 @@ class VAEConfig:
     """Random-init toy VAE of the FLUX structure (CPU demo and tests) instead of ``vae_path``."""
     vae_shift_factor: Optional[float] = field(default=None, metadata=cli())
     """latent = (mean - shift) * scale; None: the VAE config's (FLUX: 0.1159; the official OV3 release uses 0)."""
-    vae_scaling_factor: Optional[float] = field(default=None, metadata=cli())
+    vae_scaling_factor: Optional[float] = field(default=None, metadata=cli(low=0, low_open=True))
     """None: the VAE config's (FLUX: 0.3611)."""
     vae_channels_last: bool = field(default=False, metadata=cli())
     """VAE decoder in channels-last memory format."""
