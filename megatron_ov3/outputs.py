@@ -27,17 +27,25 @@ def _owner(path: str):
 
 def claim(path: str, tool: str, flag: str) -> None:
     """Make ``path`` ``tool``'s output folder, or refuse (see the module docstring)."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UsageError(f"{flag} {path!r} is a file; give a folder (new or empty)")
-    entries = sorted(os.listdir(path)) if os.path.isdir(path) else []
-    owner = _owner(path) if MARKER in entries else None
-    if owner == tool:
+    if check_claim(path, tool, flag):
         return
-    if entries:
-        what = f"was written by {owner}" if owner else f"holds files {tool} did not write (e.g. {entries[0]!r})"
-        raise UsageError(f"{flag} {path!r} {what}; give a new or empty folder so nothing is mixed or overwritten")
     os.makedirs(path, exist_ok=True)
     tmp = os.path.join(path, f"{MARKER}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
         json.dump({"tool": tool}, f)
     os.replace(tmp, os.path.join(path, MARKER))
+
+
+def check_claim(path: str, tool: str, flag: str) -> bool:
+    """Refuse ``path`` now, writing nothing, if :func:`claim` would (a tool checks its output folder before its
+    other inputs and claims it after them). True when it is already ``tool``'s."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{flag} {path!r} is a file; give a folder (new or empty)")
+    entries = sorted(os.listdir(path)) if os.path.isdir(path) else []
+    owner = _owner(path) if MARKER in entries else None
+    if owner == tool:
+        return True
+    if entries:
+        what = f"was written by {owner}" if owner else f"holds files {tool} did not write (e.g. {entries[0]!r})"
+        raise UsageError(f"{flag} {path!r} {what}; give a new or empty folder so nothing is mixed or overwritten")
+    return False

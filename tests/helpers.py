@@ -36,3 +36,16 @@ def tiny_dataset(directory):
     rng = random.Random(1)
     tok = train_tokenizer([synthetic_sample(rng, 8)[1] for _ in range(300)], str(directory / "tok"), vocab_size=64)
     return str(directory / "synthetic-{00000..00007}.tar"), tok
+
+
+def tar_of(path, members):
+    """A tar shard holding ``members`` ((name, bytes) pairs) as they are: for damaged or odd samples."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tf:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tf.addfile(info, io.BytesIO(payload))
+    return str(path)

@@ -6,7 +6,7 @@ import json
 import os
 
 import _bootstrap  # noqa: F401
-from megatron_ov3.cli import Parser, exit_with
+from megatron_ov3.cli import Parser, UsageError, exit_with
 
 
 def main(argv=None):
@@ -43,16 +43,21 @@ def main(argv=None):
     from megatron_ov3.checkpointing import load_model
     from megatron_ov3.models.lpips import LPIPS
 
-    from megatron_ov3.outputs import claim
+    from megatron_ov3.outputs import check_claim, claim
 
     classnames = classes.classnames(args.classnames) if args.classnames else None
     templates = classes.templates(args.templates, args.classnames)
-    claim(args.output, "evaluate", "--output")
+    check_claim(args.output, "evaluate", "--output")
     parallel.initialize_model_parallel(1, 1, seed=args.seed)  # every rank holds the whole model
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     model, _ = load_model(args.load, vae_path=args.vae_path, weights=not args.untrained)
     model.to(device).to_frozen(device)
     tok = Tokenizer(args.tokenizer)
+    if tok.vocab_size != model.cfg.vocab_size:
+        raise UsageError(f"--tokenizer {args.tokenizer!r} has {tok.vocab_size} tokens, but the checkpoint's model was "
+                         f"trained with a {model.cfg.vocab_size}-token vocabulary; pass the tokenizer training used "
+                         f"(job_config.json in the checkpoint names it)")
+    claim(args.output, "evaluate", "--output")  # after every check of the inputs: a refused run writes nothing
     data = DataIterator(DataConfig(tokenizer=args.tokenizer, micro_batch_size=args.micro_batch_size,
                                    image_size=model.cfg.image_size, num_workers=args.num_workers, seed=args.seed,
                                    text_length=model.cfg.text_context_length, caption_length=model.cfg.caption_length)
@@ -75,7 +80,7 @@ def main(argv=None):
             f.write(paper_table([(name, report)]) + "\n")
         print(format_table(res["report"]))
         print(f"wrote {os.path.join(args.output, 'report.json')}, report.md (the paper's table; several reports: "
-              f"tools/paper_table.py) and grid.png (input | VAE alone | OV3)")
+              f"tools/paper_table.py) and grid.png (rows: input | VAE alone | OV3)")
     dist.destroy_process_group()
 
 

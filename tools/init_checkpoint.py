@@ -22,7 +22,8 @@ def main(argv=None):
     p.add_argument("--config", default=None, help="a recipe (YAML/TOML): its model: section is used")
     p.add_argument("--vocab-size", type=int, default=None, help="default: the size's registry value")
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--output", required=True, help="folder to write (universal/ layout)")
+    p.add_argument("--output", required=True, help="new or empty folder to write (universal/ layout), or an "
+                   "earlier init_checkpoint output (its universal/ is replaced)")
     T.add_flags(p, "model", OV3Config, "model (training's flags)", defaults={"size": "tiny"})
     T.add_flags(p, "vae", VAEConfig, "frozen VAE (recorded for export and evaluation; optional)")
     args = p.parse_args(argv)
@@ -41,6 +42,9 @@ def main(argv=None):
     if args.vocab_size:
         raw = dict(raw, vocab_size=args.vocab_size)
     cfg = resolve_model(raw)
+    from megatron_ov3.outputs import claim
+
+    claim(args.output, "init_checkpoint", "--output")  # never into a run's checkpoint or another tool's folder
     parallel.initialize_model_parallel(1, 1, seed=args.seed)
     model = build_model(cfg)
     meta = {"iteration": 0, "consumed_samples": 0, "source": f"init seed {args.seed}",

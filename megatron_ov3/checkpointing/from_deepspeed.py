@@ -151,11 +151,29 @@ def to_universal(iter_dir: str, output: str = None, log: Callable[[str], None] =
     return output
 
 
+def _check_made_from(iter_dir: str, uni: str) -> None:
+    """A universal copy inside ``iter_N`` must have been made from that checkpoint (its recorded iteration is N):
+    anything else (e.g. another tool's weights written there) would be read as the run's trained weights."""
+    import json
+
+    tag = os.path.basename(os.path.normpath(iter_dir))
+    if not fmt.is_tag(tag):
+        return
+    try:
+        made_at = json.load(open(os.path.join(uni, "meta.json"))).get("iteration")
+    except (OSError, ValueError, AttributeError):
+        made_at = None
+    if made_at != int(tag[len("iter_"):]):
+        raise UsageError(f"{uni} records iteration {made_at}, not {tag}'s: it was not made from this checkpoint; "
+                         f"move it away (the next reader remakes the copy from DeepSpeed's files)")
+
+
 def ensure_universal(iter_dir: str, log: Callable[[str], None] = print, verify: bool = True) -> str:
     """``iter_dir/universal`` (checked against its manifest), made first if it is not there yet."""
     uni = os.path.join(iter_dir, "universal")
     if os.path.isfile(os.path.join(uni, "meta.json")):
         fmt.check(uni)
+        _check_made_from(iter_dir, uni)
         return uni
     try:
         return to_universal(iter_dir, log=log, verify=verify)

@@ -150,9 +150,21 @@ class ParallelConfig:
         if model is not None and model.encoder.depth < pp:
             raise UsageError(f"--pipeline-model-parallel-size {pp} exceeds the encoder's {model.encoder.depth} "
                              f"layers; use at most {model.encoder.depth} stages")
+        if model is not None and tp > 1:
+            self._check_tensor_parallel(model, tp)
         if layers is not None and layers.sequence_parallel:
             self._check_sequence_parallel(model, tp)
         return world // (tp * pp)
+
+    @staticmethod
+    def _check_tensor_parallel(model: OV3Config, tp: int) -> None:
+        """Every tower's heads and MLP width split evenly over the tensor-parallel ranks (megatron-core's rule)."""
+        for name in ("encoder", "decoder", "text", "caption"):
+            tower = getattr(model, name)
+            for what, n in (("heads", tower.heads), ("mlp", tower.mlp)):
+                if n % tp:
+                    raise UsageError(f"--tensor-model-parallel-size {tp} does not divide the {name}'s {n} {what}; "
+                                     f"use a TP size that divides every tower's heads (or another --model-size)")
 
     @staticmethod
     def _check_sequence_parallel(model: Optional[OV3Config], tp: int) -> None:

@@ -5,6 +5,7 @@ from collections import Counter
 import pytest
 import torch
 
+from helpers import tar_of
 from megatron_ov3.data import DataConfig, DataIterator, REASONS
 from megatron_ov3.data.pipeline import noise_seed
 from megatron_ov3.data.shards import expand_urls, iter_tar_samples
@@ -269,18 +270,6 @@ def test_a_decompression_bomb_is_skipped_from_its_header(tmp_path, data):
     assert n == 0 and bad["too_large"] == 9, bad
 
 
-def _tar(path, members):
-    import io
-    import tarfile
-
-    with tarfile.open(path, "w") as tf:
-        for name, payload in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tf.addfile(info, io.BytesIO(payload))
-    return str(path)
-
-
 @pytest.mark.parametrize("kind", ["captions-only", "zero-byte-jpgs"])
 def test_a_source_with_nothing_usable_stops_with_one_line_not_a_hang(tmp_path, data, kind):
     """Every sample read and none usable (an endless epoch loop would wait for a batch forever): the stream stops
@@ -290,7 +279,7 @@ def test_a_source_with_nothing_usable_stops_with_one_line_not_a_hang(tmp_path, d
 
     members = [m for i in range(20) for m in ([(f"{i:04d}.txt", b"a red circle")] +
                                               ([(f"{i:04d}.jpg", b"")] if kind == "zero-byte-jpgs" else []))]
-    spec = _tar(tmp_path / "bad.tar", members)
+    spec = tar_of(tmp_path / "bad.tar", members)
     for workers in (0, 1):
         it = DataIterator(_cfg(spec, data[1], num_workers=workers, shuffle_buffer=0), 0, 1)
         with pytest.raises(UsageError) as e:
@@ -312,6 +301,6 @@ def test_a_json_that_is_not_an_object_is_counted_not_fatal(tmp_path, data):
     for i in range(8):
         members.append((f"{i:04d}.jpg", buf.getvalue()))
         members.append((f"{i:04d}.json", b'["a", "list"]' if i % 2 else b'{"caption": "a red square"}'))
-    spec = _tar(tmp_path / "json.tar", members)
+    spec = tar_of(tmp_path / "json.tar", members)
     it = DataIterator(_cfg(spec, data[1], num_workers=0, micro_batch_size=1, epochs=1, shuffle_buffer=0), 0, 1)
     assert sum(1 for _ in it) == 4 and it.bad_counts()["missing_caption"] == 4

@@ -1,0 +1,112 @@
+"""Bad input, table-driven: every case of the adversarial review (issue 32) that this suite covers ends as one line
+naming the problem and the fix, exit code 2, nothing on disk changed (or, where accepting is right, the reason is
+written next to the case). In-process (``run_inprocess``), so the table stays cheap as it grows; the command-line
+wiring is proven by test_entry_points.py. The README's Reliability section counts these cases."""
+import json
+import os
+import shutil
+import time
+
+import pytest
+
+from conftest import TINY_TRAIN
+from dist_utils import one_error, run_inprocess
+
+DRY = [*TINY_TRAIN, "--train-iters", "1", "--dry-run"]
+
+# (case id, argv, words the one error line must hold, extra environment)
+NUMBERS = [
+    ("lr-nan", DRY + ["--lr", "nan"], "--lr nan must be a finite number > 0", None),
+    ("lr-inf", DRY + ["--lr", "inf"], "--lr inf must be a finite number > 0", None),
+    ("beta1-1.5", DRY + ["--adam-beta1", "1.5"], "--adam-beta1 1.5 must be a finite number >= 0 and < 1", None),
+    ("eps-negative", DRY + ["--adam-eps", "-1"], "--adam-eps -1.0 must be a finite number > 0", None),
+    ("weight-decay-nan", DRY + ["--weight-decay", "nan"], "--weight-decay nan must be", None),
+    ("clip-grad-nan", DRY + ["--clip-grad", "nan"], "--clip-grad nan must be", None),  # was: clipping silently off
+    ("data-weights-nan", DRY + ["--data-weights", "nan", "1"], "--data-weights [nan, 1.0] each value must be", None),
+    ("tp3-4-heads", DRY + ["--tensor-model-parallel-size", "3"], "does not divide the encoder's 4 heads",
+     {"WORLD_SIZE": "3"}),  # --dry-run refuses what the launch refuses
+    ("unknown-flag", DRY + ["--learning-rate", "1"], "unrecognized arguments: --learning-rate", None),
+]
+
+
+@pytest.mark.parametrize("case,argv,words,env", NUMBERS, ids=[c[0] for c in NUMBERS])
+def test_flags(case, argv, words, env):
+    r = run_inprocess(*argv, env=env)
+    err = one_error(r)
+    assert words in err, err
+    assert "usage:" not in r.stderr  # the error alone, not argparse's usage block
+
+
+@pytest.mark.parametrize("text,words", [
+    ("model: {image_size: '64'}\n", "image_size = '64' is not of type int"),
+    ("optim: {lr: .nan}\n", "--lr nan must be a finite number"),
+    ("optim: {adam_beta2: 1.0}\n", "--adam-beta2 1.0 must be a finite number >= 0 and < 1"),
+])
+def test_config_files_follow_the_same_rule(tmp_path, text, words):
+    (tmp_path / "job.yaml").write_text(text)
+    argv = [a for a in DRY if a not in ("--image-size", "32")]  # the file gives it
+    assert words in one_error(run_inprocess(*argv, "--config", tmp_path / "job.yaml"))
+
+
+def _snapshot(folder):
+    return {os.path.join(r, f): open(os.path.join(r, f), "rb").read() for r, _, fs in os.walk(folder) for f in fs}
+
+
+def test_init_checkpoint_never_writes_into_a_run_or_a_used_folder(trained_ckpt, tmp_path):
+    run = shutil.copytree(trained_ckpt, tmp_path / "run")
+    before = _snapshot(run)
+    err = one_error(run_inprocess("tools/init_checkpoint.py", "--image-size", 32, "--output", run / "iter_0000002"))
+    assert "--output" in err and "iter_0000002" in err and "new or empty folder" in err, err
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    assert "notes.txt" in one_error(run_inprocess("tools/init_checkpoint.py", "--output", tmp_path / "mine"))
+    assert _snapshot(run) == before
+
+
+def test_a_universal_copy_of_another_iteration_is_refused(trained_ckpt, universal_init, tmp_path):
+    """What the review did by hand (random weights copied into a run's iter_N/universal) is refused by every
+    reader, not exported as the run's weights."""
+    run = shutil.copytree(trained_ckpt, tmp_path / "run")
+    shutil.copytree(universal_init, run / "iter_0000002" / "universal")  # records iteration 0
+    err = one_error(run_inprocess("tools/convert_to_hf.py", "--load", run, "--output", tmp_path / "hf"))
+    assert "records iteration 0, not iter_0000002's" in err, err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_evaluate_refuses_a_tokenizer_of_another_vocabulary(trained_ckpt, tiny_data, tmp_path):
+    """The checkpoint was trained on --mock-data's 512-token vocabulary; tiny_data's tokenizer is smaller."""
+    from megatron_ov3.data import Tokenizer
+
+    err = one_error(run_inprocess("tools/evaluate.py", "--load", trained_ckpt, "--data-path", tiny_data[0],
+                                  "--tokenizer", tiny_data[1], "--output", tmp_path / "ev"))
+    n = Tokenizer(tiny_data[1]).vocab_size
+    assert f"has {n} tokens" in err and "512-token vocabulary" in err, err
+    assert not (tmp_path / "ev").exists()
+
+
+@pytest.mark.parametrize("kind", ["captions-only", "zero-byte-jpgs"])
+def test_training_on_a_source_with_nothing_usable_exits_2_quickly(tmp_path, tiny_data, kind):
+    """Was a silent endless hang (and SIGTERM could not stop it: the step never finished)."""
+    from helpers import tar_of
+
+    members = [m for i in range(10) for m in [(f"{i:04d}.txt", b"a red circle")]
+               + ([(f"{i:04d}.jpg", b"")] if kind == "zero-byte-jpgs" else [])]
+    shards = [tar_of(tmp_path / f"bad-{j}.tar", members) for j in range(2)]
+    t = time.time()
+    err = one_error(run_inprocess("-m", "megatron_ov3.pretrain", "--data-path", str(tmp_path / "bad-{0..1}.tar"),
+                                  "--tokenizer", tiny_data[1], "--tiny-vae", "--image-size", 32, "--micro-batch-size",
+                                  2, "--global-batch-size", 2, "--train-iters", 2, "--num-workers", 1))
+    assert time.time() - t < 120 and "all unusable" in err and shards[0] in err, err
+
+
+@pytest.mark.parametrize("flag", ["--tensorboard-dir", "--metrics-file"])
+def test_run_output_paths(tmp_path, flag):
+    """A --tensorboard-dir that is a file is refused; a --metrics-file in a folder that does not exist yet is
+    accepted (the folder is made, as tensorboard makes its own): a new run's log folder is normal."""
+    if flag == "--tensorboard-dir":
+        (tmp_path / "tb").write_text("x")
+        err = one_error(run_inprocess(*TINY_TRAIN, "--train-iters", 1, flag, tmp_path / "tb"))
+        assert "is a file" in err and (tmp_path / "tb").read_text() == "x"
+        return
+    r = run_inprocess(*TINY_TRAIN, "--train-iters", 1, flag, tmp_path / "new" / "m.jsonl")
+    assert r.returncode == 0 and json.loads((tmp_path / "new" / "m.jsonl").read_text().splitlines()[0])["iteration"]
