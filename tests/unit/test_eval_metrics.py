@@ -101,3 +101,13 @@ def test_image_grid_rows_are_kinds_and_the_png_is_labelled_and_large(tmp_path):
     assert img.getpixel((margin + 5, 5)) == (128, 128, 128) and img.getpixel((margin, 170)) == (255, 255, 255)
     label = [img.getpixel((x, y)) for x in range(margin) for y in range(0, 160)]
     assert (0, 0, 0) in label  # the row's name is drawn
+
+
+def test_frechet_distance_with_fewer_samples_than_features_equals_the_sqrtm_form():
+    from scipy import linalg
+
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(12, 40)), rng.normal(size=(15, 40)) * 1.3 + 0.2
+    sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    want = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(sa + sb - 2 * linalg.sqrtm(sa @ sb).real)
+    assert M.frechet_distance(a, b) == pytest.approx(want, rel=1e-6)
