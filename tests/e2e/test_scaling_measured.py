@@ -23,7 +23,8 @@ def _tool(name, *flags, timeout=900):
 def test_measured_runs_next_to_calibrated_prediction(tmp_path):
     bench = tmp_path / "bench.json"
     r = run_inprocess("tools/benchmark.py", "--model-size", "tiny", "--image-size", 32, "--micro-batch-size", 8,
-                      "--tiny-vae", "--no-bf16", "--steps", 3, "--warmup", 2, "--no-naive", "--no-bare", "--json", bench)
+                      "--tiny-vae", "--no-bf16", "--steps", 3, "--warmup", 2, "--no-naive", "--no-bare", "--json",
+                      bench)
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "study"
     r = _tool("scaling_study.py", "--model-size", "tiny", "--image-size", 32, "--global-batch-size", 8,
