@@ -39,7 +39,8 @@ def tiny_dataset(directory):
 
 
 def tar_of(path, members):
-    """A tar shard holding ``members`` ((name, bytes) pairs) as they are: for damaged or odd samples."""
+    """A tar shard holding ``members`` ((name, bytes) pairs) as they are, member by member: for damaged or odd
+    samples (e.g. repeated members, which ShardWriter never writes)."""
     import io
     import tarfile
 

@@ -193,18 +193,6 @@ def test_tokenizer_ids(data):
     assert t.decode(ids) == "a red circle"
 
 
-def _raw_tar(path, samples):
-    """A tar written member by member (so it can hold what ShardWriter never writes: repeated members)."""
-    import io
-    import tarfile
-
-    with tarfile.open(path, "w") as tar:
-        for name, data in samples:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
 def _members(src, n):
     """(name, bytes) of the first ``n`` samples of synthetic shard ``src``."""
     out = []
@@ -230,7 +218,7 @@ def test_damage_costs_only_what_is_damaged(tmp_path, data):
     members = _members(tmp_path / "src" / "synthetic-00000.tar", 40)
     dup = tmp_path / "dup"
     dup.mkdir()
-    _raw_tar(dup / "a.tar", members[:20] + [members[19]] + members[20:])  # sample 10's caption twice
+    tar_of(dup / "a.tar", members[:20] + [members[19]] + members[20:])  # sample 10's caption twice
     n, bad = _read_all(str(dup / "a.tar"), tok)
     assert n == 40 and bad["duplicate_member"] == 1 and bad["bad_shard"] == 0, bad
 
@@ -246,7 +234,7 @@ def test_damage_costs_only_what_is_damaged(tmp_path, data):
     stray = tmp_path / "stray"
     stray.mkdir()
     latent = encode_latent(np.zeros((16, 4, 4), np.float32))
-    _raw_tar(stray / "a.tar", [("z000.latent.npy", latent), ("z000.txt", b"a latent")] + members)
+    tar_of(stray / "a.tar", [("z000.latent.npy", latent), ("z000.txt", b"a latent")] + members)
     n, bad = _read_all(str(stray / "a.tar"), tok)
     assert n == 40 and bad["wrong_kind"] == 1, bad
 
@@ -263,7 +251,7 @@ def test_a_decompression_bomb_is_skipped_from_its_header(tmp_path, data):
     buf = io.BytesIO()
     Image.new("1", (11000, 11000)).save(buf, "PNG")
     assert len(buf.getvalue()) < 100_000
-    _raw_tar(tmp_path / "bomb.tar", members[:8] + [("bomb.png", buf.getvalue()), ("bomb.txt", b"huge")] + members[8:])
+    tar_of(tmp_path / "bomb.tar", members[:8] + [("bomb.png", buf.getvalue()), ("bomb.txt", b"huge")] + members[8:])
     n, bad = _read_all(str(tmp_path / "bomb.tar"), tok)
     assert n == 8 and bad["too_large"] == 1 and bad["bad_image"] == 0, bad
     n, bad = _read_all(str(tmp_path / "bomb.tar"), tok, max_image_pixels=32 * 32 - 1)  # every image over the cap
