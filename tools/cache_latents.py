@@ -42,23 +42,33 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.image_size % 16:
-        raise UsageError(f"--image-size {args.image_size} is not a multiple of 16")
+    if args.image_size % 16 or args.image_size < 16:
+        raise UsageError(f"--image-size {args.image_size} must be a positive multiple of 16 (training's value)")
     if args.augment_views < 0:
         raise UsageError(f"--augment-views must be >= 0, got {args.augment_views}")
     if not 0 <= args.rank < args.world_size:
         raise UsageError(f"--rank {args.rank} must lie in [0, --world-size {args.world_size})")
+    from megatron_ov3.models.vae import VAEConfig
+    from megatron_ov3.options import check_numbers
+
+    check_numbers(VAEConfig(vae_shift_factor=args.vae_shift_factor, vae_scaling_factor=args.vae_scaling_factor))
+    check_numbers(DataConfig(crop_min_area=args.crop_min_area, color_jitter=args.color_jitter,
+                             grayscale_prob=args.grayscale_prob))  # training's rule for the same values
     import torch
 
-    from megatron_ov3.data.latent_cache import cache_latents
-    from megatron_ov3.outputs import claim
+    if args.device and torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: no CUDA device here; leave --device out (cpu) or run on a GPU")
+    from megatron_ov3.data.latent_cache import cache_latents, input_shards
+    from megatron_ov3.outputs import check_claim, claim
 
-    claim(args.output_dir, "cache_latents", "--output-dir")
+    check_claim(args.output_dir, "cache_latents", "--output-dir")
     from megatron_ov3.models import FrozenVAE
 
     device = args.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     kw = dict(scaling_factor=args.vae_scaling_factor, shift_factor=args.vae_shift_factor)
     model = FrozenVAE.tiny(**kw) if args.tiny_vae else FrozenVAE.from_pretrained(args.vae_path, **kw)
+    input_shards(args.data_path)
+    claim(args.output_dir, "cache_latents", "--output-dir")  # after every input is checked: nothing written before
     if args.bf16:
         model = model.to(torch.bfloat16)
     aug = DataConfig(crop_min_area=args.crop_min_area, color_jitter=args.color_jitter,

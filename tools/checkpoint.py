@@ -68,10 +68,11 @@ def main(argv=None):
         (d,) = _iter_dirs(args.directory, args.iteration, every=False)
         to_universal(d, output=args.output)
         return 0
-    bad = 0
+    bad, unverifiable = 0, []
     for d in _iter_dirs(args.directory, args.iteration, every=args.all):
         if fmt.read_manifest(d) is None:
-            print(f"{d}: no manifest (written before manifests existed); nothing to verify")
+            print(f"{d}: NOT VERIFIABLE: no manifest.json (written before manifests existed, or not by megatron_ov3)")
+            unverifiable.append(os.path.basename(d))
             continue
         problems = fmt.verify(d)
         bad += len(problems)
@@ -80,6 +81,9 @@ def main(argv=None):
             print(f"  {line}")
     if bad:
         raise UsageError(f"{bad} damaged file(s) (listed above); resume from an intact iter_* folder (edit 'latest')")
+    if unverifiable:
+        raise UsageError(f"{', '.join(unverifiable)} cannot be verified (no manifest): its files are unchecked, not "
+                         f"known intact; loading it checks that they load")
     return 0
 
 

@@ -25,6 +25,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     from megatron_ov3.export import convert
 
+    convert.require_empty(args.output)  # before any reading: the cheap check first
     if args.import_open_clip:
         out = convert.import_open_clip(args.import_open_clip, args.output, args.model_size)
         from megatron_ov3.checkpointing.universal import read_meta

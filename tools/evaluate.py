@@ -48,6 +48,7 @@ def main(argv=None):
     classnames = classes.classnames(args.classnames) if args.classnames else None
     templates = classes.templates(args.templates, args.classnames)
     check_claim(args.output, "evaluate", "--output")
+    lpips = LPIPS.from_file(args.lpips_path) if args.lpips_path else None  # a bad file is refused before the work
     parallel.initialize_model_parallel(1, 1, seed=args.seed)  # every rank holds the whole model
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     model, _ = load_model(args.load, vae_path=args.vae_path, weights=not args.untrained)
@@ -64,7 +65,7 @@ def main(argv=None):
                         .for_evaluation(args.data_path),
                         dist.get_rank(), dist.get_world_size())
     res = evaluate(model, data, device, tok, classnames, templates,
-                   lpips=LPIPS.from_file(args.lpips_path).to(device) if args.lpips_path else None,
+                   lpips=lpips.to(device) if lpips is not None else None,
                    inception=(inception_feature_extractor(args.inception_weights, device)
                               if args.inception_weights else None),
                    max_batches=args.max_batches, group=dist.group.WORLD)

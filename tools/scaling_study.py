@@ -30,7 +30,8 @@ def main(argv=None):
     p.add_argument("--fp8-format", default=None, choices=["hybrid", "e4m3"],
                    help="plan with FP8 GEMMs (the training flag of the same name; the planner uses the FP8 peak)")
     p.add_argument("--top", type=int, default=3)
-    p.add_argument("--output", default=None, help="folder for plan.json and PNG plots")
+    p.add_argument("--output", default=None, help="folder for plan.json and PNG plots (new or empty, or an earlier "
+                   "scaling_study output)")
     p.add_argument("--calibrate", default=None, help="tools/benchmark.py --json output: calibrate the hardware")
     m = p.add_argument_group("measured mode")
     m.add_argument("--measure", nargs="+", default=None, metavar="SPEC",
@@ -65,6 +66,11 @@ def main(argv=None):
                     ("--top", args.top), ("--image-size", args.image_size), ("--measure-iters", args.measure_iters)):
         if v < 1:
             raise UsageError(f"{flag} must be >= 1, got {v}")
+    from megatron_ov3.outputs import check_claim
+
+    out = args.output or ("scaling_measured" if args.measure else None)
+    if out:
+        check_claim(out, "scaling_study", "--output")  # refused before any work
     if args.measure:
         return _measure(args, hw)
     result = {}
@@ -75,7 +81,9 @@ def main(argv=None):
         print(f"\nOV3-{size}, {args.image_size}px, {args.mode} scaling, {hw.name}:")
         print(table(rows))
     if args.output:
-        os.makedirs(args.output, exist_ok=True)
+        from megatron_ov3.outputs import claim
+
+        claim(args.output, "scaling_study", "--output")
         with open(os.path.join(args.output, "plan.json"), "w") as f:
             json.dump({"hardware": hw.__dict__, "mode": args.mode, "plans": result}, f, indent=1)
         for path in plot_plan(result, args.output, hw):
@@ -106,8 +114,10 @@ def _measure(args, hw):
         except ValueError as e:
             raise UsageError(str(e))
         specs.append(spec)
+    from megatron_ov3.outputs import claim
+
     out = args.output or "scaling_measured"
-    os.makedirs(out, exist_ok=True)
+    claim(out, "scaling_study", "--output")
     rows = []
     for i, spec in enumerate(specs):
         print(f"running {spec.name} ...", flush=True)

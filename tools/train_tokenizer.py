@@ -26,12 +26,29 @@ def _captions_from_shards(spec, limit, recaption_key):
                             return
 
 
+def _text_file_lines(path: str) -> list:
+    """The lines of a UTF-8 text file; anything else (a binary file, another encoding) is a usage error."""
+    if not os.path.isfile(path):
+        raise MissingFile(f"--text-file {path!r} does not exist")
+    data = open(path, "rb").read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--text-file {path!r} is not UTF-8 text (byte {e.start}); give one sentence per line")
+    if "\x00" in text:
+        raise UsageError(f"--text-file {path!r} holds NUL bytes (a binary file?); give one sentence per line")
+    return text.splitlines()
+
+
 def main(argv=None):
     p = Parser(description=__doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data-path", help="shards whose captions to train on (brace notation, '::' joins)")
     src.add_argument("--text-file", help="a text file, one sentence per line")
-    p.add_argument("--output-prefix", required=True, help="writes PREFIX.model")
+    p.add_argument("--output-prefix", required=True, help="writes PREFIX.model (and PREFIX.vocab); an existing "
+                   "model is never replaced unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.model (checkpoints trained "
+                   "with the old one will no longer match its vocabulary)")
     p.add_argument("--vocab-size", type=int, default=32000)
     p.add_argument("--model-type", default="unigram", choices=["unigram", "bpe"])
     p.add_argument("--max-sentences", type=int, default=2_000_000)
@@ -40,10 +57,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     from megatron_ov3.data.tokenizer import Tokenizer, train_tokenizer
 
+    if os.path.exists(args.output_prefix + ".model") and not args.overwrite:
+        raise UsageError(f"{args.output_prefix}.model exists; give another --output-prefix (or --overwrite, if no "
+                         f"checkpoint uses it)")
     if args.text_file:
-        if not os.path.isfile(args.text_file):
-            raise MissingFile(f"--text-file {args.text_file!r} does not exist")
-        texts = open(args.text_file, encoding="utf-8", errors="replace").read().splitlines()
+        texts = _text_file_lines(args.text_file)
     else:
         texts = list(_captions_from_shards(args.data_path, args.max_sentences, args.recaption_key))
     if not texts:

@@ -246,6 +246,8 @@ def decode_image(data: bytes, size: int, aug: Optional[Augment] = None, rng: Opt
             if im.size[0] < 1 or im.size[1] < 1:
                 return None
             arr = augmented(im, size, aug, rng) if aug is not None else planar(center_crop(im, size))
+    except Image.DecompressionBombError:  # PIL refuses it from the header (over twice its own pixel limit)
+        return TOO_LARGE
     except Exception:
         return None
     return torch.from_numpy(arr).div_(127.5).sub_(1.0)

@@ -31,6 +31,24 @@ from .shards import LATENT_MANIFEST, ShardWriter, caption_of, encode_latent, exp
 from ..errors import MissingFile, UsageError
 
 
+def input_shards(data_path: str) -> List[str]:
+    """The shards of ``data_path``, each checked to exist and be a tar file (a usage error otherwise), before
+    anything is written."""
+    import tarfile
+
+    shards: List[str] = [u for src in expand_urls(data_path) for u in src]
+    for u in shards:
+        if not os.path.isfile(u):
+            raise MissingFile(f"input shard {u!r} does not exist")
+        if not tarfile.is_tarfile(u):
+            raise UsageError(f"input shard {u!r} is not a tar file; give webdataset tar shards "
+                             f"(tools/make_shards.py makes them from images and captions)")
+    names = [os.path.basename(u) for u in shards]
+    if len(set(names)) != len(names):
+        raise UsageError("input shards from different folders share file names; cache each source separately")
+    return shards
+
+
 def cache_latents(data_path: str, out_dir: str, vae, image_size: int, batch_size: int = 32, rank: int = 0,
                   world: int = 1, device: str = "cpu", progress: bool = True, views: int = 0,
                   aug: Optional[Augment] = None, seed: int = 1234) -> Dict:
@@ -41,13 +59,7 @@ def cache_latents(data_path: str, out_dir: str, vae, image_size: int, batch_size
 
     if views < 0 or (views > 0) != (aug is not None):
         raise UsageError("augmented views need an augmentation (and an augmentation needs --augment-views >= 1)")
-    shards: List[str] = [u for src in expand_urls(data_path) for u in src]
-    for u in shards:
-        if not os.path.isfile(u):
-            raise MissingFile(f"input shard {u!r} does not exist")
-    names = [os.path.basename(u) for u in shards]
-    if len(set(names)) != len(names):
-        raise UsageError("input shards from different folders share file names; cache each source separately")
+    shards = input_shards(data_path)
     os.makedirs(out_dir, exist_ok=True)
     _record_normalisation(out_dir, vae, image_size, views, aug)
     mine = shards[rank::world]

@@ -51,14 +51,21 @@ def from_table(path: str, path_column: str = "path", caption_column: str = "capt
             import pyarrow.parquet as pq
         except ImportError:
             raise UsageError("reading parquet needs pyarrow: pip install pyarrow") from None
-        rows = pq.read_table(path).to_pylist()
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow's ArrowInvalid and friends: not a parquet file
+            raise UsageError(f"--input-table {path!r} is not a readable parquet file ({type(e).__name__})") from None
         columns = set(rows[0]) if rows else set()
     else:
         delim = "\t" if path.endswith((".tsv", ".tab")) else ","
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f, delimiter=delim)
-            columns = set(reader.fieldnames or [])
-            rows = list(reader)
+        try:
+            with open(path, newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f, delimiter=delim)
+                columns = set(reader.fieldnames or [])
+                rows = list(reader)
+        except (UnicodeDecodeError, csv.Error) as e:
+            raise UsageError(f"--input-table {path!r} is not UTF-8 CSV/TSV text ({type(e).__name__}); give a "
+                             f"table with a header row") from None
     missing = [c for c in (path_column, caption_column) if c not in columns]
     if missing:
         raise UsageError(

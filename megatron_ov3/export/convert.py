@@ -119,7 +119,7 @@ def export_hf(src: str, out_dir: str, vae_path: Optional[str] = None, progress: 
     from transformers import CLIPImageProcessor
 
     cfg, weights, meta = load_source(src, progress)
-    _require_empty(out_dir)
+    require_empty(out_dir)
     if "logit_scale" in weights:
         meta = dict(meta, logit_scale=float(weights["logit_scale"].exp().clamp(max=cfg["logit_scale_max"])))
     vae = vae_from_meta(meta, vae_path)
@@ -196,7 +196,7 @@ def export_open_clip(src: str, out_dir: str, progress: bool = True) -> str:
         "no_ln_pre": True, "pool_type": "avg", "final_ln_after_pool": True, "output_tokens": True,
         "patch_dropout": 0.0, "ls_init_value": None}},
         "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.5] * 3, "image_size": cfg["image_size"]}}
-    _require_empty(out_dir)
+    require_empty(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     torch.save({k: v.contiguous() for k, v in sd.items()}, os.path.join(out_dir, "open_clip_pytorch_model.bin"))
     with open(os.path.join(out_dir, "open_clip_config.json"), "w") as f:
@@ -204,8 +204,10 @@ def export_open_clip(src: str, out_dir: str, progress: bool = True) -> str:
     return out_dir
 
 
-def _require_empty(out_dir: str) -> None:
+def require_empty(out_dir: str) -> None:
     """Exports never write into a folder that holds anything (nothing on disk is overwritten)."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UsageError(f"--output {out_dir!r} is a file; give a new or empty folder")
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise UsageError(f"output folder {out_dir!r} is not empty; choose a new one")
 
@@ -266,7 +268,7 @@ def import_open_clip(src_dir: str, out_dir: str, model_size: str = "custom", **o
             if b.startswith("self_attention.linear_qkv"):
                 t = qkv_to_megatron(t, heads)
             mt[f"encoder.block.layers.{i}.{b}"] = t
-    _require_empty(out_dir)
+    require_empty(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     save_file({k: v.float().contiguous() for k, v in mt.items()}, os.path.join(out_dir, "stage0.safetensors"))
     with open(os.path.join(out_dir, "meta.json"), "w") as f:

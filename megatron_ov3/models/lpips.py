@@ -83,12 +83,18 @@ class LPIPS(nn.Module):
         """Load a full LPIPS-VGG state dict (``.pth`` via ``weights_only=True``, or ``.safetensors``)."""
         if not os.path.isfile(path):
             raise MissingFile(f"LPIPS weights {path!r} not found; pass a local LPIPS-VGG state-dict file")
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
+        try:
+            if path.endswith(".safetensors"):
+                from safetensors.torch import load_file
 
-            sd = load_file(path)
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+                sd = load_file(path)
+            else:
+                sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # not a weights file at all (text, a pickle with code, torn bytes)
+            raise UsageError(f"--lpips-path {path!r} could not be read as weights ({type(e).__name__}); pass a "
+                             f"local LPIPS-VGG state-dict file (.pth or .safetensors)") from None
+        if not isinstance(sd, dict):
+            raise UsageError(f"--lpips-path {path!r} holds a {type(sd).__name__}, not a state dict")
         model = cls()
         missing, unexpected = model.load_state_dict(sd, strict=False)
         if missing or unexpected:

@@ -110,3 +110,65 @@ def test_run_output_paths(tmp_path, flag):
         return
     r = run_inprocess(*TINY_TRAIN, "--train-iters", 1, flag, tmp_path / "new" / "m.jsonl")
     assert r.returncode == 0 and json.loads((tmp_path / "new" / "m.jsonl").read_text().splitlines()[0])["iteration"]
+
+
+def _bytes_file(path, data=b"\x00\x9f\x92\x96 not text \xff" * 50):
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("case", ["image-size-0", "not-a-tar", "scaling-factor-0", "no-cuda"])
+def test_cache_latents_refuses_before_writing(tmp_path, tiny_data, case):
+    """Each once wrote empty or all-zero latent shards with exit 0 (or a traceback for the device)."""
+    import torch
+
+    if case == "no-cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: --device cuda:0 is valid here")
+    data = str(_bytes_file(tmp_path / "x.tar")) if case == "not-a-tar" else tiny_data[0]
+    extra = {"image-size-0": ["--image-size", 0], "scaling-factor-0": ["--vae-scaling-factor", 0],
+             "no-cuda": ["--device", "cuda:0"]}.get(case, [])
+    argv = ["tools/cache_latents.py", "--data-path", data, "--output-dir", tmp_path / "lat", "--tiny-vae",
+            "--image-size", 32, *extra]
+    words = {"image-size-0": "positive multiple of 16", "not-a-tar": "is not a tar file",
+             "scaling-factor-0": "--vae-scaling-factor 0.0 must be a finite number > 0",
+             "no-cuda": "no CUDA device here"}[case]
+    assert words in one_error(run_inprocess(*argv))
+    assert not (tmp_path / "lat").exists()
+
+
+def test_tokenizer_tool_keeps_an_existing_model_and_refuses_binary_text(tmp_path, tiny_data):
+    tok = shutil.copy(tiny_data[1], tmp_path / "tok.model")
+    before = open(tok, "rb").read()
+    (tmp_path / "s.txt").write_text("a red circle\n" * 50)
+    err = one_error(run_inprocess("tools/train_tokenizer.py", "--text-file", tmp_path / "s.txt", "--output-prefix",
+                                  tmp_path / "tok", "--vocab-size", 16))
+    assert "tok.model exists" in err and open(tok, "rb").read() == before
+    err = one_error(run_inprocess("tools/train_tokenizer.py", "--text-file", _bytes_file(tmp_path / "b.txt"),
+                                  "--output-prefix", tmp_path / "new", "--vocab-size", 16))
+    assert "is not UTF-8 text" in err and not (tmp_path / "new.model").exists()
+
+
+def test_checkpoint_verify_without_a_manifest_is_not_called_intact(trained_ckpt, tmp_path):
+    run = shutil.copytree(trained_ckpt, tmp_path / "run")
+    (run / "iter_0000002" / "manifest.json").unlink()
+    f = run / "iter_0000002" / "mp_rank_00_model_states.pt"
+    f.write_bytes(f.read_bytes()[:100])
+    r = run_inprocess("tools/checkpoint.py", "verify", run)
+    assert "cannot be verified (no manifest)" in one_error(r) and "NOT VERIFIABLE" in r.stdout
+
+
+@pytest.mark.parametrize("case", ["lpips-not-weights", "table-of-bytes", "scaling-output-file",
+                                  "convert-output-file"])
+def test_more_former_tracebacks(tmp_path, universal_init, case):
+    junk = _bytes_file(tmp_path / "junk.pth")
+    argv, words = {
+        "lpips-not-weights": (["tools/evaluate.py", "--load", universal_init, "--data-path", "x.tar", "--tokenizer",
+                               "t.model", "--output", tmp_path / "ev", "--lpips-path", junk],
+                              "could not be read as weights"),
+        "table-of-bytes": (["tools/make_shards.py", "--input-table", _bytes_file(tmp_path / "t.csv"),
+                            "--output-dir", tmp_path / "o"], "is not UTF-8 CSV/TSV text"),
+        "scaling-output-file": (["tools/scaling_study.py", "--output", junk], "is a file"),
+        "convert-output-file": (["tools/convert_to_hf.py", "--load", universal_init, "--output", junk], "is a file"),
+    }[case]
+    assert words in one_error(run_inprocess(*argv))
+    assert junk.read_bytes() == b"\x00\x9f\x92\x96 not text \xff" * 50

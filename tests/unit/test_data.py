@@ -242,6 +242,7 @@ def test_damage_costs_only_what_is_damaged(tmp_path, data):
 def test_a_decompression_bomb_is_skipped_from_its_header(tmp_path, data):
     """A 121-megapixel PNG (a few KB on disk) is counted as too_large without being decoded; the cap is a flag."""
     import io
+    import zlib
 
     from PIL import Image
 
@@ -251,11 +252,16 @@ def test_a_decompression_bomb_is_skipped_from_its_header(tmp_path, data):
     buf = io.BytesIO()
     Image.new("1", (11000, 11000)).save(buf, "PNG")
     assert len(buf.getvalue()) < 100_000
-    tar_of(tmp_path / "bomb.tar", members[:8] + [("bomb.png", buf.getvalue()), ("bomb.txt", b"huge")] + members[8:])
+    # and a 30000 x 30000 header (900 megapixels), which PIL itself refuses at open (DecompressionBombError)
+    huge = bytearray(buf.getvalue())
+    huge[16:24] = (30000).to_bytes(4, "big") * 2  # IHDR width, height
+    huge[29:33] = zlib.crc32(bytes(huge[12:29])).to_bytes(4, "big")
+    bombs = [("bomb.png", buf.getvalue()), ("bomb.txt", b"huge"), ("huge.png", bytes(huge)), ("huge.txt", b"huger")]
+    tar_of(tmp_path / "bomb.tar", members[:8] + bombs + members[8:])
     n, bad = _read_all(str(tmp_path / "bomb.tar"), tok)
-    assert n == 8 and bad["too_large"] == 1 and bad["bad_image"] == 0, bad
+    assert n == 8 and bad["too_large"] == 2 and bad["bad_image"] == 0, bad
     n, bad = _read_all(str(tmp_path / "bomb.tar"), tok, max_image_pixels=32 * 32 - 1)  # every image over the cap
-    assert n == 0 and bad["too_large"] == 9, bad
+    assert n == 0 and bad["too_large"] == 10, bad
 
 
 @pytest.mark.parametrize("kind", ["captions-only", "zero-byte-jpgs"])
