@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import threading
 import zlib
 from typing import Dict, Iterable, List, Optional
@@ -57,6 +58,21 @@ def check_save_folder(directory: str, run_outputs=()) -> None:
     if foreign:
         raise UsageError(f"--save {directory!r} holds files that are not megatron_ov3 checkpoints (e.g. "
                          f"{foreign[0]!r}); give a new or empty folder, or this run's earlier --save folder")
+
+
+def check_writable(directory: str, flag: str = "--save") -> None:
+    """``directory`` (or, while it does not exist, the nearest folder above it) accepts a file: a run finds out
+    before training, not at its first save. Nothing is left behind."""
+    probe = os.path.abspath(directory)
+    while not os.path.isdir(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    try:
+        fd, path = tempfile.mkstemp(prefix=".ov3-write-check-", dir=probe)
+        os.close(fd)
+        os.remove(path)
+    except OSError as e:
+        raise UsageError(f"{flag} {directory!r} is not writable here ({e.strerror} in {probe}); give a folder this "
+                         f"user can write") from None
 
 
 def read_latest(directory: str) -> Optional[str]:

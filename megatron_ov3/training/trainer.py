@@ -57,12 +57,20 @@ class Signals:
 
 def decide_once(job: JobConfig) -> dict:
     """Choices a run makes from its surroundings, made on rank 0 and broadcast, so every rank of every host
-    takes the same one: whether ``--load`` holds a checkpoint to resume (else fresh / --finetune-from)."""
+    takes the same one: whether ``--load`` holds a checkpoint to resume (else fresh / --finetune-from). A usage
+    error found here (``latest`` naming nothing, a ``--save`` that cannot be written) reaches every rank."""
     ck = job.checkpoint
     holder = [None]
     if dist.get_rank() == 0:
-        holder[0] = {"resume": bool(ck.load and os.path.isdir(ck.load) and ckpt_format.read_latest(ck.load))}
+        try:
+            if ck.save:
+                ckpt_format.check_writable(ck.save)
+            holder[0] = {"resume": bool(ck.load and os.path.isdir(ck.load) and ckpt_format.read_latest(ck.load))}
+        except UsageError as e:  # e.g. 'latest' names nothing: every rank reports it, none waits for rank 0
+            holder[0] = {"error": str(e)}
     dist.broadcast_object_list(holder, src=0)
+    if "error" in holder[0]:
+        raise UsageError(holder[0]["error"])
     return holder[0]
 
 

@@ -172,3 +172,10 @@ def test_more_former_tracebacks(tmp_path, universal_init, case):
     }[case]
     assert words in one_error(run_inprocess(*argv))
     assert junk.read_bytes() == b"\x00\x9f\x92\x96 not text \xff" * 50
+
+
+def test_a_save_folder_that_cannot_be_written_is_found_before_training():
+    """/proc refuses new files even for root (a read-only folder for an ordinary user is the same case); it was
+    a traceback at the first save, after training."""
+    err = one_error(run_inprocess(*TINY_TRAIN, "--train-iters", 1, "--save", "/proc/megatron_ov3_no_such_run"))
+    assert "--save '/proc/megatron_ov3_no_such_run' is not writable here" in err, err

@@ -189,3 +189,15 @@ def test_finetune_stage_starts_its_own_schedule(tmp_path):
         assert [m["iteration"] for m in got] == [1, 2]
         assert [m["lr"] for m in got] == pytest.approx([m["lr"] for m in fresh], rel=1e-9), keep
         assert got[0]["total_loss"] != pytest.approx(fresh[0]["total_loss"], rel=1e-6)  # trained weights
+
+
+def test_a_bad_latest_is_the_same_line_on_every_rank(dataset, tmp_path):
+    """'latest' naming no checkpoint, 2 ranks: each rank ends with the same one line (rank 1 used to die in a gloo
+    'Connection closed by peer' traceback while rank 0 printed the line). A real launch: the point is two ranks."""
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "latest").write_text("iter_0000009")
+    r = launch(dataset, ck, "--train-iters", 2, "--load", ck)
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert len(errors) == 2 and all("iter_0000009" in e and "not a complete checkpoint" in e for e in errors), errors
