@@ -133,6 +133,10 @@ def to_universal(iter_dir: str, output: str = None, log: Callable[[str], None] =
     if zero == 3:
         raise UsageError(f"{iter_dir} was saved with ZeRO-3, which has no universal form here; resume it at its "
                          f"own layout (same TP x PP x DP) or train with --zero-stage 1 or 2")
+    if output is not None:  # tools/checkpoint.py to-universal --output: the user's folder, checked first
+        if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
+            raise UsageError(f"--output {output!r} exists and is not an empty folder; give a new one")
+        fmt.check_writable(os.path.dirname(os.path.abspath(output)), "--output")
     output = output or os.path.join(iter_dir, "universal")
     partial = output.rstrip("/") + ".partial"
     shutil.rmtree(partial, ignore_errors=True)

@@ -179,3 +179,10 @@ def test_a_save_folder_that_cannot_be_written_is_found_before_training():
     a traceback at the first save, after training."""
     err = one_error(run_inprocess(*TINY_TRAIN, "--train-iters", 1, "--save", "/proc/megatron_ov3_no_such_run"))
     assert "--save '/proc/megatron_ov3_no_such_run' is not writable here" in err, err
+
+
+@pytest.mark.parametrize("where", ["/proc/megatron_ov3_no_such_copy", "file"])
+def test_to_universal_output_that_cannot_take_the_copy(trained_ckpt, tmp_path, where):
+    out = where if where.startswith("/") else _bytes_file(tmp_path / "f")
+    err = one_error(run_inprocess("tools/checkpoint.py", "to-universal", trained_ckpt, "--output", out))
+    assert ("is not writable here" if where.startswith("/") else "is not an empty folder") in err, err
