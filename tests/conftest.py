@@ -9,12 +9,17 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 torch.set_num_threads(2)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture()
 def mp1():
-    """Single-process megatron parallel state (TP1 x PP1), shared by unit tests."""
+    """Single-process megatron parallel state (TP1 x PP1), shared by unit tests: made once, and made again only
+    when something tore it down (an in-process command that ended its own process group)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
     from megatron_ov3 import parallel
 
-    parallel.initialize_model_parallel(1, 1, seed=0)
+    if not (dist.is_initialized() and ps.model_parallel_is_initialized()):
+        parallel.initialize_model_parallel(1, 1, seed=0)
     yield
 
 

@@ -115,7 +115,6 @@ def main(argv=None):
         r["stall_vs_native"] = r["stall_s"] / results["native"]["stall_s"]
     if dist.get_rank() == 0:
         _report(results, tr, args.json)
-    dist.destroy_process_group()
     return 0
 
 

@@ -82,7 +82,6 @@ def main(argv=None):
         print(format_table(res["report"]))
         print(f"wrote {os.path.join(args.output, 'report.json')}, report.md (the paper's table; several reports: "
               f"tools/paper_table.py) and grid.png (rows: input | VAE alone | OV3)")
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

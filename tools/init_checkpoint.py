@@ -27,7 +27,6 @@ def main(argv=None):
     T.add_flags(p, "model", OV3Config, "model (training's flags)", defaults={"size": "tiny"})
     T.add_flags(p, "vae", VAEConfig, "frozen VAE (recorded for export and evaluation; optional)")
     args = p.parse_args(argv)
-    import torch
 
     from megatron_ov3 import parallel
     from megatron_ov3.checkpointing.universal import save_universal
@@ -53,7 +52,7 @@ def main(argv=None):
         meta["vae"] = vae.checkpoint_meta()
     save_universal(model, args.output, meta)
     print(f"wrote {args.output}/universal ({sum(p.numel() for p in model.parameters()):,} parameters)")
-    torch.distributed.destroy_process_group()
+    return 0  # cli.run tears the process group down
 
 
 if __name__ == "__main__":

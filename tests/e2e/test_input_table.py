@@ -77,7 +77,8 @@ def test_evaluate_refuses_a_tokenizer_of_another_vocabulary(trained_ckpt, tiny_d
     """The checkpoint was trained on --mock-data's 512-token vocabulary; tiny_data's tokenizer is smaller."""
     from megatron_ov3.data import Tokenizer
 
-    err = one_error(run_inprocess("tools/evaluate.py", "--load", trained_ckpt, "--data-path", tiny_data[0],
+    ck = shutil.copytree(trained_ckpt, tmp_path / "ck")  # a reader writes the universal copy into it
+    err = one_error(run_inprocess("tools/evaluate.py", "--load", ck, "--data-path", tiny_data[0],
                                   "--tokenizer", tiny_data[1], "--output", tmp_path / "ev"))
     n = Tokenizer(tiny_data[1]).vocab_size
     assert f"has {n} tokens" in err and "512-token vocabulary" in err, err
