@@ -2,13 +2,11 @@
 (2 gloo processes, fp32); the CLI writes its table, JSON and plots."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from dist_utils import free_port, run_distributed
+from dist_utils import free_port, run_distributed, run_inprocess
 from megatron_ov3.scaling.planner import Hardware, Layout, estimate, model_state_bytes, plan
 from megatron_ov3.models import get_config
 
@@ -30,15 +28,25 @@ def test_matches_deepspeed_estimators(params, gpus):
     assert abs(ours3 - ds3) / ds3 < 0.05
 
 
-def _measure(rank, world, zero, out):
+def _measure(rank, world, out):
+    """Every ZeRO stage in turn on the same 2 processes (one spawn, not four): {stage: bytes per rank}."""
     import deepspeed
 
     from megatron_ov3 import parallel
-    from megatron_ov3.models import build_model, get_config
-    from megatron_ov3.training.mpu import MegatronMPU
 
     parallel.initialize_model_parallel(1, 1)
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    found = {zero: _measure_stage(rank, zero) for zero in (0, 1, 2, 3)}
+    if rank == 0:
+        json.dump(found, open(out, "w"))
+
+
+def _measure_stage(rank, zero):
+    import deepspeed
+
+    from megatron_ov3.models import build_model, get_config
+    from megatron_ov3.training.mpu import MegatronMPU
+
     model = build_model(get_config("tiny", image_size=32))
     n = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -62,16 +70,20 @@ def _measure(rank, world, zero, out):
     masters = getattr(eng.optimizer, "single_partition_of_fp32_groups", None) or \
         getattr(eng.optimizer, "fp32_partitioned_groups_flat", None) or []
     optim += sum(m.numel() for m in masters) * 4
-    if rank == 0:
-        json.dump({"n": n, "params": params, "optimizer": optim}, open(out, "w"))
+    return {"n": n, "params": params, "optimizer": optim}
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    out = tmp_path_factory.mktemp("zero_bytes") / "m.json"
+    run_distributed(_measure, 2, free_port(), str(out), timeout=400)
+    return {int(k): v for k, v in json.load(open(out)).items()}
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("zero", [0, 1, 2, 3])
-def test_matches_measured_bytes_per_rank(zero, tmp_path):
-    out = tmp_path / "m.json"
-    run_distributed(_measure, 2, free_port(), zero, str(out), timeout=240)
-    m = json.load(open(out))
+def test_matches_measured_bytes_per_rank(zero, measured):
+    m = measured[zero]
     pred = model_state_bytes(m["n"], 2, zero, bf16=False)
     for k in ("params", "optimizer"):
         assert abs(pred[k] - m[k]) / m[k] < 0.05, (zero, k, pred[k], m[k])
@@ -107,15 +119,11 @@ def test_vae_time_follows_the_pixel_loss_fraction():
 
 
 def test_cli_outputs_and_bad_profile(tmp_path):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "scaling_study.py"), "--model-size", "B",
-                        "--nodes", "1", "4", "--output", str(tmp_path)], capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, PYTHONPATH=ROOT))
+    r = run_inprocess("tools/scaling_study.py", "--model-size", "B", "--nodes", "1", "4", "--output", tmp_path / "o")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "| 4 | 32 | 4096 |" in r.stdout
-    assert (tmp_path / "throughput.png").exists() and (tmp_path / "memory.png").exists()
-    assert json.load(open(tmp_path / "plan.json"))["plans"]["B"][0]["nodes"] == 1
+    assert (tmp_path / "o" / "throughput.png").exists() and (tmp_path / "o" / "memory.png").exists()
+    assert json.load(open(tmp_path / "o" / "plan.json"))["plans"]["B"][0]["nodes"] == 1
     (tmp_path / "hw.yaml").write_text("peak_tflops_bf16: 500\nwarp_speed: 9\n")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "scaling_study.py"), "--hardware",
-                        str(tmp_path / "hw.yaml")], capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, PYTHONPATH=ROOT))
+    r = run_inprocess("tools/scaling_study.py", "--hardware", tmp_path / "hw.yaml")
     assert r.returncode == 2 and "unknown keys ['warp_speed']" in r.stderr
