@@ -5,13 +5,15 @@
 #      *pretrained* frozen VAE, and with no FLUX download this is the honest stand-in (not a FLUX replacement)
 #   3. a tiny OV3 (no augmentation: the captions name each shape's place and colour, which crops and colour jitter
 #      would contradict) trained with that VAE frozen (--vae-path, FLUX's loading code) by 2 processes through the real
-#      DeepSpeed launcher, then evaluated trained vs untrained on held-out shards
+#      DeepSpeed launcher (global batch 32: more negatives for the contrastive loss; lr 3e-3), then evaluated trained
+#      vs untrained on held-out shards. Every step is seeded and counted in steps, not seconds: two runs on any
+#      machine, loaded or not, print the same numbers
 #   4. the report: losses, VAE vs OV3 reconstruction, retrieval/zero-shot with chance, grid.png and curves.png
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${DEMO_DIR:-runs/demo}
 NUM=${NUM_SAMPLES:-2000}
-ITERS=${TRAIN_ITERS:-200}
+ITERS=${TRAIN_ITERS:-300}
 VAE_STEPS=${VAE_STEPS:-1000}
 LAST=$(printf '%05d' $(( NUM / 100 - 1 )))
 TRAIN="$OUT/data/synthetic-{00000..$LAST}.tar"
@@ -27,7 +29,7 @@ mkdir -p "$OUT"
 rm -rf "$OUT/checkpoints" "$OUT/metrics.jsonl" "$OUT/eval-trained" "$OUT/eval-untrained"
 DATA_PATH="$TRAIN" TOKENIZER="$OUT/tokenizer.model" CHECKPOINT_PATH="$OUT/checkpoints" \
   deepspeed --num_gpus 2 examples/pretrain_ov3_tiny.sh --train-iters "$ITERS" --no-tiny-vae --vae-path "$OUT/vae" \
-  --no-augment --metrics-file "$OUT/metrics.jsonl" 2>&1 | grep -v -E "^\[20|FutureWarning|return func|warnings.warn|UserWarning"
+  --no-augment --micro-batch-size 16 --global-batch-size 32 --lr 3e-3 --metrics-file "$OUT/metrics.jsonl" 2>&1 | grep -v -E "^\[20|FutureWarning|return func|warnings.warn|UserWarning"
 for which in trained untrained; do
   python tools/evaluate.py --load "$OUT/checkpoints" --data-path "$OUT/heldout/synthetic-{00000..00003}.tar" \
     --tokenizer "$OUT/tokenizer.model" --classnames "$OUT/heldout/classes.txt" \

@@ -43,13 +43,16 @@ def main(argv=None):
     p.add_argument("--width", type=int, default=16, help="channels per level (FLUX: 128-512)")
     p.add_argument("--crop", type=int, default=None, help="train on random crops of this size (default: half the "
                    "image size; the VAE is convolutional)")
+    p.add_argument("--kl-weight", type=float, default=1e-4, help="weight of the posterior's KL term (FLUX-style "
+                   "VAEs keep it small; too small leaves latents OV3 cannot predict)")
     p.add_argument("--max-images", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.image_size % 8 or args.image_size < 16:
         raise UsageError(f"--image-size {args.image_size} must be a multiple of 8 and >= 16")
-    if args.steps < 1 or args.width < 8:
-        raise UsageError(f"--steps {args.steps} must be >= 1 and --width {args.width} >= 8")
+    if args.steps < 1 or args.width < 8 or not 0 <= args.kl_weight < float("inf"):
+        raise UsageError(f"--steps {args.steps} must be >= 1, --width {args.width} >= 8 and --kl-weight "
+                         f"{args.kl_weight} a finite number >= 0")
     from megatron_ov3.models.vae_fit import fit_vae, reconstruction_psnr
     from megatron_ov3.outputs import claim
 
@@ -57,7 +60,8 @@ def main(argv=None):
     claim(args.output, "fit_vae", "--output")
     held = max(1, len(images) // 10)
     crop = args.crop or max(16, args.image_size // 2 // 8 * 8)
-    ae, summary = fit_vae(images[held:], steps=args.steps, width=args.width, seed=args.seed, crop=crop)
+    ae, summary = fit_vae(images[held:], steps=args.steps, width=args.width, seed=args.seed, crop=crop,
+                          kl_weight=args.kl_weight)
     summary.update(images=len(images) - held, heldout_images=held, heldout_psnr=reconstruction_psnr(ae, images[:held]))
     ae.save_pretrained(args.output, safe_serialization=True)
     with open(os.path.join(args.output, "fit_vae.json"), "w") as f:

@@ -29,9 +29,11 @@ def class_names() -> list:
 
 def zero_shot_templates() -> list:
     """Prompt templates in the captions' own grammar (as CLIP ships per-dataset templates), over both sizes,
-    every place and every background, so averaging them leaves only colour x shape."""
-    return [f"a {size} {{}} in the {place} on a {bg} background" for size in ("large", "small") for place in PLACES
-            for bg in BACKGROUNDS]
+    every place and every background, and the plural form of the scenes with two or three shapes (two thirds of
+    them), so averaging them leaves only colour x shape."""
+    one = [f"a {size} {{}} in the {place} on a {bg} background" for size in ("large", "small") for place in PLACES
+           for bg in BACKGROUNDS]
+    return one + [f"{count} {{}}s on a {bg} background" for count in COUNTS[1:] for bg in BACKGROUNDS]
 
 
 def _draw(d, shape: str, cx: float, cy: float, r: float, fill) -> None:

@@ -3,9 +3,11 @@
 OV3's idea is a *pretrained*, frozen VAE; on a machine with no downloads the demo would otherwise train against a
 randomly initialised one, whose decoder means nothing. :func:`fit_vae` trains a diffusers ``AutoencoderKL`` with
 the FLUX.1 layout (16 latent channels, 8x down-sampling, 4 levels) at narrow width the way a VAE is trained
-(L1 + MSE reconstruction of the posterior sample plus a small KL term; random half-size crops, which measured
-best for a one-minute budget: 20.6 dB held-out PSNR in 40 s at 64px vs 17.5 dB on whole images, width 16) for a
-fixed number of seeded steps (so two fits on any machine give the same VAE, up to the float noise of thread
+(L1 + MSE reconstruction of the posterior sample plus a small KL term, AdamW with cosine decay; random half-size
+crops, which measured best for a one-minute budget: 20.6 dB held-out PSNR in 40 s at 64px vs 17.5 dB on whole
+images, width 16). KL weight 1e-4, not 1e-6: measured on the demo's data at 1,000 steps, 21.2 vs 20.6 dB held-out
+and, what OV3 needs, latents it can learn to predict (OV3's latent L1 after 100 iterations 0.45 vs 0.77, the
+latter no better than predicting the mean). It runs a fixed number of seeded steps (so two fits on any machine give the same VAE, up to the float noise of thread
 counts), then records the latent
 normalisation it needs (``shift_factor`` = latent mean, ``scaling_factor`` = 1 / latent std, FLUX's convention) in
 its config, so ``--vae-path DIR`` loads it through the same code a FLUX user takes.
@@ -64,7 +66,7 @@ def _crops(images: torch.Tensor, idx: torch.Tensor, crop: Optional[int], gen: to
 
 
 def fit_vae(images: torch.Tensor, steps: int = 1000, width: int = 16, batch_size: int = 16, lr: float = 5e-3,
-            kl_weight: float = 1e-6, seed: int = 0, crop: Optional[int] = None,
+            kl_weight: float = 1e-4, seed: int = 0, crop: Optional[int] = None,
             log: Callable[[str], None] = print) -> Tuple["object", Dict]:
     """Train on ``images`` ((N, 3, H, W) in [-1, 1]; random ``crop``-pixel windows when given) for ``steps``
     seeded steps; returns the diffusers ``AutoencoderKL`` (eval mode, normalisation in its config) and a summary
@@ -74,6 +76,7 @@ def fit_vae(images: torch.Tensor, steps: int = 1000, width: int = 16, batch_size
     torch.manual_seed(seed)
     ae = AutoencoderKL.from_config(fitted_vae_config(width))
     opt = torch.optim.AdamW(ae.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=lr * 0.02)
     gen = torch.Generator().manual_seed(seed)
     start, first, last = time.time(), None, None
     ae.train()
@@ -83,6 +86,7 @@ def fit_vae(images: torch.Tensor, steps: int = 1000, width: int = 16, batch_size
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sched.step()
         first = l1 if first is None else first
         last = l1
         if step % 100 == 0 or step == steps:
