@@ -13,6 +13,8 @@ pytestmark = pytest.mark.slow  # runs the whole demo script
 
 
 def test_short_demo_reports_what_the_full_one_does(tmp_path):
+    """About 150 s: the only test of `make demo`'s own script, end to end (data and tokenizer tools, the VAE fit,
+    the launcher, two evaluations, the report): each piece is tested alone elsewhere, their wiring only here."""
     env = subprocess_env(ROOT, DEMO_DIR=str(tmp_path / "demo"), NUM_SAMPLES="400", TRAIN_ITERS="20",
                          VAE_STEPS="60")
     env["PATH"] = os.path.dirname(__import__("sys").executable) + os.pathsep + env["PATH"]  # the venv's tools

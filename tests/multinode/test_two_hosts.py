@@ -179,7 +179,8 @@ def test_scaling_study_measures_one_and_two_hosts(two_hosts, tmp_path):
 
 def test_openmpi_launcher_trains_over_two_hosts(two_hosts, dataset, tmp_path):
     """`deepspeed --launcher openmpi`: mpirun starts the ranks (over ssh for the second host); the ranks take
-    their rank from OpenMPI's variables and MASTER_ADDR from the launcher hook's `mpirun -x`."""
+    their rank from OpenMPI's variables and MASTER_ADDR from the launcher hook's `mpirun -x`. About 90 s, mostly
+    mpirun's start over ssh: the only proof of the OpenMPI runner (the pdsh tests take another code path)."""
     import shutil
 
     if not shutil.which("mpirun"):
