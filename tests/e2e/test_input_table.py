@@ -187,3 +187,24 @@ def test_to_universal_output_that_cannot_take_the_copy(trained_ckpt, tmp_path, w
     out = where if where.startswith("/") else _bytes_file(tmp_path / "f")
     err = one_error(run_inprocess("tools/checkpoint.py", "to-universal", trained_ckpt, "--output", out))
     assert ("is not writable here" if where.startswith("/") else "is not an empty folder") in err, err
+
+
+def test_a_malformed_json_sample_is_counted_and_training_goes_on(tmp_path, tiny_data):
+    """A KEY.json holding a JSON list (no .txt) was an AttributeError that killed a 2-rank job before iteration 1."""
+    import io
+
+    from PIL import Image
+
+    from helpers import tar_of
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), "blue").save(buf, "JPEG")
+    members = [m for i in range(24) for m in [(f"{i:04d}.jpg", buf.getvalue()),
+                                               (f"{i:04d}.json", b'["a", "list"]' if i % 3 == 0 else
+                                                b'{"caption": "a blue square"}')]]
+    for j in range(2):
+        tar_of(tmp_path / f"j-{j}.tar", members)
+    r = run_inprocess("-m", "megatron_ov3.pretrain", "--data-path", str(tmp_path / "j-{0..1}.tar"), "--tokenizer",
+                      tiny_data[1], "--tiny-vae", "--image-size", 32, "--micro-batch-size", 2, "--global-batch-size", 2,
+                      "--train-iters", 2, "--log-interval", 1, "--num-workers", 1, "--no-augment")
+    assert r.returncode == 0 and "missing_caption" in r.stdout, (r.stdout[-2000:], r.stderr[-2000:])

@@ -201,3 +201,17 @@ def test_a_bad_latest_is_the_same_line_on_every_rank(dataset, tmp_path):
     errors = [line for line in r.stderr.splitlines() if "error:" in line]
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert len(errors) == 2 and all("iter_0000009" in e and "not a complete checkpoint" in e for e in errors), errors
+
+
+def test_nothing_usable_stops_both_ranks_with_one_line(dataset, tmp_path):
+    """A captions-only source through the launcher with 2 ranks (was a silent hang that SIGTERM could not end):
+    every rank stops with the line naming the source, within 2 minutes. A real launch: the point is two ranks."""
+    from helpers import tar_of
+
+    for j in range(2):
+        tar_of(tmp_path / f"c-{j}.tar", [(f"{i:04d}.txt", b"a red circle") for i in range(10)])
+    t = time.time()
+    r = launch((str(tmp_path / "c-{0..1}.tar"), dataset[1]), tmp_path / "ck", "--train-iters", 2, timeout=180)
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert r.returncode != 0 and time.time() - t < 120, r.stderr[-3000:]
+    assert len(errors) == 2 and all("all unusable" in e and "missing_image" in e for e in errors), r.stderr[-3000:]
