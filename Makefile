@@ -24,13 +24,16 @@ install: $(STAMP)
 demo: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash examples/demo.sh
 
-# the whole suite (what .ci/run calls); ends with its 25 slowest tests and the total time
+# the whole suite (what .ci/run calls); ends with its 25 slowest tests and the total time. The venv's bin comes
+# first on PATH for every process the tests start: its ninja (1.13) and a system ninja (1.11) read each other's build
+# logs as stale, so a suite that mixed them rebuilt DeepSpeed's CPU comm op (a minute or two) at every switch
+TEST_ENV = PATH="$(abspath $(VENV))/bin:$$PATH"
 test: $(STAMP)
-	$(PY) -m pytest -q tests --durations=25
+	$(TEST_ENV) $(PY) -m pytest -q tests --durations=25
 
-# the developer loop: unit tests and in-process CLI tests, no launches (under 4 minutes)
+# the developer loop: unit tests and in-process CLI tests, no launches
 test-fast: $(STAMP)
-	$(PY) -m pytest -q tests -m "not slow" --durations=10
+	$(TEST_ENV) $(PY) -m pytest -q tests -m "not slow" --durations=10
 
 clean:
 	rm -rf $(VENV) runs
