@@ -7,10 +7,10 @@ the FLUX.1 layout (16 latent channels, 8x down-sampling, 4 levels) at narrow wid
 crops, which measured best for a one-minute budget: 20.6 dB held-out PSNR in 40 s at 64px vs 17.5 dB on whole
 images, width 16). KL weight 1e-4, not 1e-6: measured on the demo's data at 1,000 steps, 21.2 vs 20.6 dB held-out
 and, what OV3 needs, latents it can learn to predict (OV3's latent L1 after 100 iterations 0.45 vs 0.77, the
-latter no better than predicting the mean). It runs a fixed number of seeded steps (so two fits on any machine give the same VAE, up to the float noise of thread
-counts), then records the latent
-normalisation it needs (``shift_factor`` = latent mean, ``scaling_factor`` = 1 / latent std, FLUX's convention) in
-its config, so ``--vae-path DIR`` loads it through the same code a FLUX user takes.
+latter no better than predicting the mean). It runs a fixed number of seeded steps (so two fits on any machine
+give the same VAE, up to the float noise of thread counts), then records the latent normalisation it needs
+(``shift_factor`` = latent mean, ``scaling_factor`` = 1 / latent std, FLUX's convention) in its config, so
+``--vae-path DIR`` loads it through the same code a FLUX user takes.
 """
 from __future__ import annotations
 

@@ -147,7 +147,7 @@ def test_tool_bad_inputs(tmp_path):
     assert_usage_error(rc, err, "does not exist")
     rc, _, err = tool("cache_latents.py", "--data-path", tmp_path / "x.tar", "--output-dir", tmp_path / "o",
                       "--image-size", 30, "--tiny-vae")
-    assert_usage_error(rc, err, "not a multiple of 16")
+    assert_usage_error(rc, err, "positive multiple of 16")
     rc, _, err = tool("cache_latents.py", "--data-path", tmp_path / "x.tar", "--output-dir", tmp_path / "o",
                       "--image-size", 32, "--tiny-vae", "--batch-size", 0)
     assert_usage_error(rc, err, "--batch-size must be >= 1")
