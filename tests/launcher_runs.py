@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from dist_utils import free_port
+from dist_utils import free_port, subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DS = os.path.join(os.path.dirname(sys.executable), "deepspeed")
@@ -15,13 +15,9 @@ DS = os.path.join(os.path.dirname(sys.executable), "deepspeed")
 def recipe_env(dataset, ckpt, **extra):
     """What a user sets on the launching machine for the tiny recipe (none of it is forwarded by DeepSpeed's
     multi-node runners; the launcher hook turns it into flags)."""
-    env = dict(os.environ, DATA_PATH=dataset[0], TOKENIZER=dataset[1], CHECKPOINT_PATH=str(ckpt),
-               IMAGE_SIZE="32", MICRO_BATCH="4", GLOBAL_BATCH="8", NUM_WORKERS="1", PYTHONPATH=ROOT,
-               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    env.update(extra)
-    return env
+    return subprocess_env(ROOT, DATA_PATH=dataset[0], TOKENIZER=dataset[1], CHECKPOINT_PATH=str(ckpt),
+                          IMAGE_SIZE="32", MICRO_BATCH="4", GLOBAL_BATCH="8", NUM_WORKERS="1",
+                          PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"], **extra)
 
 
 def launch(dataset, ckpt, *flags, timeout=300, **extra):

@@ -52,8 +52,8 @@ def main(argv=None):
     from megatron_ov3.options import check_numbers
 
     check_numbers(VAEConfig(vae_shift_factor=args.vae_shift_factor, vae_scaling_factor=args.vae_scaling_factor))
-    check_numbers(DataConfig(crop_min_area=args.crop_min_area, color_jitter=args.color_jitter,
-                             grayscale_prob=args.grayscale_prob))  # training's rule for the same values
+    views = DataConfig(crop_min_area=args.crop_min_area, color_jitter=args.color_jitter,
+                       grayscale_prob=args.grayscale_prob)  # checked as training checks the same values
     import torch
 
     if args.device and torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
@@ -71,8 +71,7 @@ def main(argv=None):
     claim(args.output_dir, "cache_latents", "--output-dir")  # after every input is checked: nothing written before
     if args.bf16:
         model = model.to(torch.bfloat16)
-    aug = DataConfig(crop_min_area=args.crop_min_area, color_jitter=args.color_jitter,
-                     grayscale_prob=args.grayscale_prob).augmentation() if args.augment_views else None
+    aug = views.augmentation() if args.augment_views else None
     stats = cache_latents(args.data_path, args.output_dir, model, args.image_size, args.batch_size,
                           args.rank, args.world_size, device, views=args.augment_views, aug=aug, seed=args.seed)
     print(f"rank {args.rank}: {stats}")

@@ -95,10 +95,9 @@ class OptimConfig:
     """Clip the global gradient norm to this (DeepSpeed gradient_clipping; 0: off)."""
 
     def validate(self) -> None:
-        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise UsageError("need 0 <= --min-lr <= --lr and --lr > 0")
-        if self.lr_warmup_iters < 0 or self.weight_decay < 0 or self.clip_grad < 0:
-            raise UsageError("--lr-warmup-iters, --weight-decay and --clip-grad must be >= 0")
+        """Across fields only: each value's own range is declared on it (checked by ``check_numbers``)."""
+        if self.min_lr > self.lr:
+            raise UsageError(f"--min-lr {self.min_lr} exceeds --lr {self.lr}; need 0 <= --min-lr <= --lr")
 
 
 @dataclass

@@ -39,7 +39,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import MissingFile, UsageError
-from ..options import cli
+from ..options import check_numbers, cli
 from .images import TOO_LARGE, Augment, decode_image, to_rgb  # noqa: F401 (decode_image, to_rgb: public here)
 from .shards import (LATENT_MANIFEST, RECAPTION_KEY, caption_of, decode_latent, expand_urls, image_bytes,
                      iter_tar_samples, recaption_of, sample_kind)
@@ -123,11 +123,7 @@ class DataConfig:
         if self.text_encoder_caption not in TEXT_CHOICES:
             raise UsageError(f"--text-encoder-caption {self.text_encoder_caption!r}: choose one of "
                              f"{', '.join(TEXT_CHOICES)}")
-        if not 0 < self.crop_min_area <= 1:
-            raise UsageError(f"--crop-min-area must lie in (0, 1], got {self.crop_min_area}")
-        for flag, v in (("--color-jitter", self.color_jitter), ("--grayscale-prob", self.grayscale_prob)):
-            if not 0 <= v <= 1:
-                raise UsageError(f"{flag} must lie in [0, 1], got {v}")
+        check_numbers(self)  # the ranges the fields declare (augmentation, data weights), also when built in code
         if self.data_path is None:
             return
         sources = self.data_path.split("::")
@@ -136,8 +132,6 @@ class DataConfig:
                 raise UsageError(
                     f"--data-weights has {len(self.data_weights)} values for {len(sources)} sources in --data-path"
                 )
-            if any(w <= 0 for w in self.data_weights):
-                raise UsageError("--data-weights must all be > 0")
 
 
     def for_evaluation(self, data_path: str, **overrides) -> "DataConfig":

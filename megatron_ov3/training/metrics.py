@@ -62,10 +62,12 @@ class JsonlSink:
     def __init__(self, path: str):
         if os.path.isdir(path):
             raise UsageError(f"--metrics-file {path!r} is a folder; give a file path")
-        self.path = path
+        self.path, self._folder_made = path, False
 
     def write(self, r: dict) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)  # as tensorboard makes its folder
+        if not self._folder_made:  # at the first record, as tensorboard makes its folder (not before: a run
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)  # refused at start writes nothing)
+            self._folder_made = True
         with open(self.path, "a") as f:
             f.write(json.dumps(r) + "\n")
 
