@@ -23,11 +23,14 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel import ColumnParallelLinear
+from megatron.core.tensor_parallel import RowParallelLinear as _CoreRowParallelLinear
 from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
 )
+
+from ..models.specs import RowParallelLinear
 
 FORMATS = ("hybrid", "e4m3")
 
@@ -82,7 +85,7 @@ class _Float8GEMM:
             return super()._forward_impl(input, weight, *args, **kwargs)
         from torchao.float8.float8_linear import matmul_with_hp_or_float8_args
 
-        group = kwargs.get("tp_group")
+        group = kwargs.get("tp_group") or self.tp_group
         if kwargs.get("sequence_parallel"):
             input = gather_from_sequence_parallel_region(input, tensor_parallel_output_grad=True, group=group)
         elif kwargs.get("allreduce_dgrad"):
@@ -109,7 +112,8 @@ class Float8RowParallelLinear(_Float8GEMM, RowParallelLinear):
         return out
 
 
-_SWAP = {ColumnParallelLinear: Float8ColumnParallelLinear, RowParallelLinear: Float8RowParallelLinear}
+_SWAP = {ColumnParallelLinear: Float8ColumnParallelLinear, RowParallelLinear: Float8RowParallelLinear,
+         _CoreRowParallelLinear: Float8RowParallelLinear}
 
 
 def convert_to_float8(model: torch.nn.Module, fmt: str, emulate: bool = False,

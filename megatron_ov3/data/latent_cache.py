@@ -27,7 +27,8 @@ import torch
 
 from .images import Augment, decode_image
 from .pipeline import seeded_rng
-from .shards import LATENT_MANIFEST, ShardWriter, caption_of, encode_latent, expand_urls, image_bytes, iter_tar_samples
+from .shards import (LATENT_MANIFEST, ShardWriter, caption_of, encode_latent, expand_urls, image_bytes,
+                     iter_tar_samples, shard_name)
 from ..errors import MissingFile, UsageError
 
 
@@ -66,7 +67,7 @@ def cache_latents(data_path: str, out_dir: str, vae, image_size: int, batch_size
     stats: Counter = Counter()
     vae = vae.to(device)
     for url in tqdm(mine, desc=f"latents[rank {rank}]", unit="shard", disable=not progress):
-        name = os.path.basename(url)
+        name = shard_name(url)
         if os.path.exists(os.path.join(out_dir, name)):
             stats["shards_skipped_existing"] += 1
             continue
@@ -92,7 +93,7 @@ def _encode_shard(url, writer, vae, image_size, batch_size, device, stats, views
         stats["samples"] += len(pending)
         pending.clear()
 
-    name = os.path.basename(url)
+    name = shard_name(url)
     for smp in iter_tar_samples(url, lambda *a: stats.update({a[0]: a[3] if len(a) > 3 else 1})):
         data, cap = image_bytes(smp), caption_of(smp)
         if data is None:

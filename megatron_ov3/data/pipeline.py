@@ -42,7 +42,7 @@ from ..errors import MissingFile, UsageError
 from ..options import check_numbers, cli
 from .images import TOO_LARGE, Augment, decode_image, to_rgb  # noqa: F401 (decode_image, to_rgb: public here)
 from .shards import (LATENT_MANIFEST, RECAPTION_KEY, caption_of, decode_latent, expand_urls, image_bytes,
-                     iter_tar_samples, recaption_of, sample_kind)
+                     iter_tar_samples, recaption_of, sample_kind, shard_name)
 
 TEXT_CHOICES = ("alt", "recap-sentence", "alt-or-recap-sentence")
 REASONS = ("bad_shard", "bad_image", "missing_image", "missing_caption", "empty_caption", "bad_latent", "wrong_kind",
@@ -155,9 +155,10 @@ def seeded_rng(*parts) -> random.Random:
     return random.Random(int.from_bytes(digest[:8], "little"))
 
 
-def noise_seed(seed: int, url: str, key: str, epoch: int) -> int:
-    """Per-sample seed for the decoder noise: depends on the sample and its epoch, not on the data split."""
-    return zlib.crc32(f"{seed}/{url}/{key}/{epoch}".encode()) & 0x7FFFFFFF
+def noise_seed(seed: int, shard: str, key: str, epoch: int) -> int:
+    """Per-sample seed for the decoder noise: depends on the sample (its shard's name, see
+    :func:`~megatron_ov3.data.shards.shard_name`, and key) and its epoch, not on the data split or the folder."""
+    return zlib.crc32(f"{seed}/{shard}/{key}/{epoch}".encode()) & 0x7FFFFFFF
 
 
 class ShardStream(IterableDataset):
@@ -266,7 +267,7 @@ class ShardStream(IterableDataset):
     # ---- decoding ----
     def _sample_rng(self, smp: dict, what: str) -> random.Random:
         """A generator for one sample, epoch and purpose: independent of the data split and of the resume."""
-        return seeded_rng(self.cfg.seed, what, smp["__url__"], smp["__key__"], smp["__epoch__"])
+        return seeded_rng(self.cfg.seed, what, shard_name(smp["__url__"]), smp["__key__"], smp["__epoch__"])
 
     def _decode(self, smp: dict, count):
         cfg = self.cfg
@@ -306,7 +307,8 @@ class ShardStream(IterableDataset):
         text = text_tower_caption(caption, recap, mode, rng)
         out["text_ids"] = torch.from_numpy(self.tokenizer.encode(text, cfg.text_length))
         out["caption_ids"] = torch.from_numpy(self.tokenizer.encode(recap or caption, cfg.caption_length))
-        out["noise_seeds"] = torch.tensor(noise_seed(cfg.seed, smp["__url__"], smp["__key__"], smp["__epoch__"]))
+        out["noise_seeds"] = torch.tensor(noise_seed(cfg.seed, shard_name(smp["__url__"]), smp["__key__"],
+                                                   smp["__epoch__"]))
         return out
 
     def _latent(self, smp: dict) -> Optional[torch.Tensor]:

@@ -40,6 +40,17 @@ def expand_urls(spec: str) -> List[List[str]]:
     return sources
 
 
+def shard_name(url: str) -> str:
+    """The name a shard's samples are seeded by: its file name, however the shard is reached (``x/a.tar``,
+    ``file:///x/a.tar``, ``https://host/x/a.tar?sig=..``, ``pipe:aws s3 cp s3://b/x/a.tar -``). Seeds (decoder
+    noise, augmentation) then do not depend on where the shards live, so the same shards give the same run
+    from any folder or store."""
+    if url.startswith("pipe:"):
+        tars = [t for t in url[5:].split() if ".tar" in t]
+        url = tars[-1] if tars else url[5:].strip()
+    return url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+
+
 def expected_count(path: str, _cache: Dict[str, Dict[str, int]] = {}) -> Optional[int]:
     """How many samples shard ``path`` holds, when its writer said so: ``sizes.json`` in its folder (our tools,
     webdataset's ``tarp``/``ShardWriter`` convention) or img2dataset's ``NAME_stats.json`` (``successes``)."""

@@ -23,7 +23,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel import ColumnParallelLinear
+from megatron.core.tensor_parallel import RowParallelLinear as _CoreRowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
@@ -70,6 +71,19 @@ def resolve_backend(backend: str) -> str:
             "install it (pip install -e .[te] on a CUDA machine) or use --transformer-impl local"
         )
     return backend
+
+
+class RowParallelLinear(_CoreRowParallelLinear):
+    """megatron-core's ``RowParallelLinear`` that hands its own TP group to its GEMM. Core's ``forward`` passes
+    ``tp_group=None`` to ``_forward_impl`` (megatron-core 0.16), which then looks the group up and, on global rank 0
+    only, calls ``warnings.warn`` at every forward: ``torch.compile`` cannot trace that call, so every compiled
+    layer broke into several graphs on rank 0 alone (19 graphs instead of 3 for the tiny model,
+    ``tests/unit/test_converters.py``), and every rank waited for rank 0's extra graph launches."""
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        if kwargs.get("tp_group", self) is None:
+            kwargs["tp_group"] = self.tp_group
+        return super()._forward_impl(input, weight, *args, **kwargs)
 
 
 class SDPAttention(MegatronModule):

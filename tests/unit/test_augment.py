@@ -145,10 +145,10 @@ def test_resume_mid_epoch_gives_the_same_views(shards):
 
 def test_evaluation_and_no_augment_use_the_centre_crop(shards):
     spec, tok = shards
-    from megatron_ov3.data.shards import expand_urls, image_bytes, iter_tar_samples
+    from megatron_ov3.data.shards import expand_urls, image_bytes, iter_tar_samples, shard_name
     from megatron_ov3.data.pipeline import noise_seed
 
-    centre = {noise_seed(5, u, s["__key__"], 0): decode_image(image_bytes(s), 32)
+    centre = {noise_seed(5, shard_name(u), s["__key__"], 0): decode_image(image_bytes(s), 32)
               for u in expand_urls(spec)[0] for s in iter_tar_samples(u, print)}
     trained = _cfg(spec, tok)
     assert trained.augment and trained.augmentation() == Augment(0.4, 0.4, 0.8, 0.2)  # OpenVision's defaults
