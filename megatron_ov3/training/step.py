@@ -1,7 +1,10 @@
 """The forward/backward/optimizer pieces of one training iteration, for the plain and the pipelined engine.
 
-Both return per-micro-batch metrics (plain floats) and whether every rank's loss was finite; what to do with
-a non-finite loss (skip, count, stop) is decided once, by the trainer.
+Both return per-micro-batch metrics and whether every rank's loss was finite; what to do with a non-finite loss
+(skip, count, stop) is decided once, by the trainer. Host synchronisations are what a GPU step must not pay for:
+a micro-batch costs exactly one (:func:`agree`: every rank's loss finite? any rank asked to stop?), the metrics
+stay on the device as 0-d tensors until the log interval reduces them, and the decoder-noise seeds never leave
+the host (``tests/unit/test_host_syncs.py`` counts them).
 """
 from __future__ import annotations
 
@@ -10,39 +13,56 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-Metrics = Dict[str, float]
+Metrics = Dict[str, torch.Tensor]
+
+HOST_KEYS = ("noise_seeds",)
+"""Batch entries that stay on the host: the decoder reads them as Python ints (one generator per sample); a copy on
+the device would cost a host synchronisation to read back."""
 
 
 def to_device(batch: Dict[str, torch.Tensor], device) -> Dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: v if k in HOST_KEYS else v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def all_ranks_true(flag: bool, device) -> bool:
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item() > 0)
+def agree(loss: torch.Tensor, stop_requested: bool) -> Tuple[bool, bool]:
+    """(every rank's ``loss`` is finite, some rank asked to stop), in one all-reduce and one host sync: the
+    signal flag travels with the finite check the step needs anyway, instead of an all-reduce of its own."""
+    finite = torch.isfinite(loss.detach()).all().float()
+    flags = torch.stack([finite, finite.new_full((), 0.0 if stop_requested else 1.0)])  # filled on the device
+    dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    ok, go_on = flags.tolist()
+    return ok > 0, go_on == 0
 
 
-def micro_step(engine, batch, device, own_grad_norm: bool) -> Tuple[Optional[Metrics], Optional[float]]:
+def detached(out: Dict[str, torch.Tensor]) -> Metrics:
+    """The step's outputs as 0-d fp32 metrics, still on the device."""
+    return {k: v.detach().float() for k, v in out.items()}
+
+
+def micro_step(engine, batch, device, own_grad_norm: bool, stop_requested: bool = False
+               ) -> Tuple[Optional[Metrics], Optional[torch.Tensor], bool]:
     """One micro-batch through the DeepSpeed engine (forward, backward, engine step, which applies the optimizer
-    at the accumulation boundary). Returns (metrics or None when some rank's loss is non-finite, the gradient
-    norm when we compute it: ZeRO-0 in fp32 keeps none)."""
+    at the accumulation boundary). Returns (metrics, or None when some rank's loss is non-finite; the gradient
+    norm when we compute it (ZeRO-0 in fp32 keeps none), a 0-d tensor; whether some rank asked to stop)."""
     out = engine(to_device(batch, device))
     loss = out["total_loss"]
-    if not all_ranks_true(bool(torch.isfinite(loss).item()), device):
-        return None, None
+    finite, stop = agree(loss, stop_requested)
+    if not finite:
+        return None, None, stop
     engine.backward(loss)
     norm = None
     if own_grad_norm and engine.is_gradient_accumulation_boundary():
         norm = grad_norm(engine.module)  # reduced over DP by now, not yet clipped
     engine.step()
-    return {k: float(v.detach()) for k, v in out.items()}, norm
+    return detached(out), norm, stop
 
 
-def pipeline_step(engine, data, device, plan) -> Tuple[List[Metrics], bool]:
+def pipeline_step(engine, data, device, plan, stop_requested: bool = False
+                  ) -> Tuple[List[Dict[str, float]], bool, bool]:
     """One iteration under pipeline parallelism: megatron-core's 1F1B schedule runs forward and backward of all
     ``grad_accum`` micro-batches over the stages; then DeepSpeed reduces the gradients over the data-parallel
-    group and its (ZeRO-1) optimizer steps. Returns (per-micro-batch metrics on every rank, all finite)."""
+    group and its (ZeRO-1) optimizer steps. Returns (per-micro-batch metrics on every rank, all finite, some
+    rank asked to stop). The metrics cross the pipeline as Python floats, one broadcast per iteration."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -61,21 +81,22 @@ def pipeline_step(engine, data, device, plan) -> Tuple[List[Metrics], bool]:
         seq_length=model.cfg.seq_length, micro_batch_size=plan.micro_batch_size, forward_only=False,
     )
     last = ps.is_pipeline_last_stage(ignore_virtual=True)
-    ok = all(bool(torch.isfinite(o["total_loss"]).item()) for o in outs) if last else True
-    if not all_ranks_true(ok, device):
+    losses = torch.stack([o["total_loss"] for o in outs]) if last else torch.zeros(1, device=device)
+    finite, stop = agree(losses, stop_requested)
+    if not finite:
         for p in model.parameters():
             p.grad = None
-        return [], False
+        return [], False, stop
     engine.allreduce_gradients()
     engine.step()
     # metrics travel from the last stage to every rank of the pipeline group (rank 0 logs)
     holder = [[{k: float(v) for k, v in o.items()} for o in outs] if last else None]
     dist.broadcast_object_list(holder, src=ps.get_pipeline_model_parallel_last_rank(),
                                group=ps.get_pipeline_model_parallel_group())
-    return holder[0], True
+    return holder[0], True, stop
 
 
-def grad_norm(model) -> float:
+def grad_norm(model) -> torch.Tensor:
     """Global L2 norm of the gradients (what DeepSpeed reports for its other optimizers): parameters replicated
     over tensor parallelism counted once, shards summed over the TP group."""
     from megatron.core import parallel_state as ps
@@ -87,4 +108,4 @@ def grad_norm(model) -> float:
             sq += p.grad.detach().double().pow(2).sum()
     if ps.get_tensor_model_parallel_world_size() > 1:
         dist.all_reduce(sq, group=ps.get_tensor_model_parallel_group())
-    return float(sq.sqrt())
+    return sq.sqrt()

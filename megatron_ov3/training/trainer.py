@@ -51,9 +51,6 @@ class Signals:
     def _handle(self, signum, _frame):
         self.received = True
 
-    def any_rank(self, device) -> bool:
-        return not steps.all_ranks_true(not self.received, device)
-
 
 def decide_once(job: JobConfig) -> dict:
     """Choices a run makes from its surroundings, made on rank 0 and broadcast, so every rank of every host
@@ -127,9 +124,10 @@ class Trainer:
         self.state, self.rng = TrainState(), RNGState()
         self.data = None
         self.own_grad_norm = job.parallel.zero_stage == 0 and not job.layers.bf16
-        self._sums: Dict[str, float] = {}
+        self._sums: Dict[str, torch.Tensor] = {}
+        self.stop_requested = False
         self._n, self._samples, self._t = 0, 0, time.time()
-        self._grad_norm: Optional[float] = None
+        self._grad_norm: Optional[torch.Tensor] = None
         self._flops = None
         self.latent_input = False
         self.metrics = sinks_for(job.logging, self.total_iters, job.to_dict(), dist.get_rank())
@@ -200,11 +198,14 @@ class Trainer:
             raise StopTraining(f"stopping: {self.state.bad_streak} consecutive non-finite losses "
                                f"(--max-bad-steps {limit}); lower --lr or check the data")
 
-    def train_step(self) -> bool:
+    def train_step(self, signaled: bool = False) -> bool:
         """One iteration (all its micro-batches and one optimizer step). False: a pipelined step was skipped
-        for a non-finite loss (its data is consumed, the iteration does not advance)."""
+        for a non-finite loss (its data is consumed, the iteration does not advance). ``signaled``: this rank got
+        SIGTERM/SIGINT; whether any rank did is agreed inside the step (``stop_requested`` after it)."""
+        self.stop_requested = False
         if self.pipelined:
-            outs, finite = steps.pipeline_step(self.engine, self.data, self.device, self.plan)
+            outs, finite, self.stop_requested = steps.pipeline_step(self.engine, self.data, self.device, self.plan,
+                                                                    signaled)
             if not finite:
                 self._skipped(", step skipped")
                 self.state.consumed_samples += self.plan.global_batch_size
@@ -214,16 +215,17 @@ class Trainer:
             while len(outs) < self.plan.grad_accum:  # a non-finite micro-batch is replaced by the next one
                 batch = next(self.data)
                 self.latent_input = "images" not in batch
-                out, norm = steps.micro_step(self.engine, batch, self.device, self.own_grad_norm)
+                out, norm, stop = steps.micro_step(self.engine, batch, self.device, self.own_grad_norm, signaled)
+                self.stop_requested |= stop
                 if out is None:
                     self._skipped(" on some rank, micro-batch skipped")
                     continue
                 self._grad_norm = norm if norm is not None else self._grad_norm
                 outs.append(out)
         self.state.bad_streak = 0
-        for out in outs:
+        for out in outs:  # device tensors (plain path) or floats (pipelined): summed where they are
             for k, v in out.items():
-                self._sums[k] = self._sums.get(k, 0.0) + v
+                self._sums[k] = self._sums[k] + v if k in self._sums else v
         self._n += len(outs)
         self.state.iteration += 1
         self.state.consumed_samples += self.plan.global_batch_size
@@ -240,7 +242,8 @@ class Trainer:
                                                 encode_in_step=not self.latent_input,
                                                 micro_batch=self.plan.micro_batch_size)
         keys = sorted(self._sums)
-        vec = torch.tensor([self._sums[k] for k in keys] + [float(self._n)], device=self.device, dtype=torch.float64)
+        vec = torch.stack([torch.as_tensor(self._sums[k], device=self.device).double() for k in keys]
+                          + [torch.tensor(float(self._n), device=self.device, dtype=torch.float64)])
         dist.all_reduce(vec, group=ps.get_data_parallel_group())
         dt = time.time() - self._t
         sps = self._samples / dt
@@ -306,14 +309,14 @@ def _bad_counts_over_dp(data, device) -> Dict[str, int]:
     return {k: int(v) for k, v in zip(keys, vec.tolist())}
 
 
-def _after_step(tr: Trainer, signals: Signals) -> bool:
+def _after_step(tr: Trainer) -> bool:
     """Logging, evaluation and checkpointing due after an iteration; True when the run should end now."""
     job, it = tr.job, tr.state.iteration
     if it % job.logging.log_interval == 0 or it == tr.total_iters:
         tr.log_metrics()
     if job.eval.eval_interval and it % job.eval.eval_interval == 0:
         tr.evaluate()
-    stop = signals.any_rank(tr.device)
+    stop = tr.stop_requested  # agreed over the ranks inside the step
     exit_now = bool(job.train.exit_interval and it % job.train.exit_interval == 0 and it < tr.total_iters)
     ck = job.checkpoint
     if ck.save and ((ck.save_interval and it % ck.save_interval == 0) or it == tr.total_iters or stop or exit_now):
@@ -349,7 +352,7 @@ def run(job: JobConfig, world: int) -> int:
     tr.engine.train()
     try:
         while tr.state.iteration < tr.total_iters:
-            if tr.train_step() and _after_step(tr, signals):
+            if tr.train_step(signals.received) and _after_step(tr):
                 break
     except StopTraining as stop:
         log0(str(stop))
