@@ -33,15 +33,26 @@ def rng_state() -> dict:
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> bool:
+    """Restore what :func:`rng_state` saved. A checkpoint written on another kind of device (a CPU run resumed on a
+    GPU: megatron's tracker then holds CPU generator states, 5056 bytes, which ``torch.cuda.set_rng_state``
+    rejects; or the reverse) keeps this run's own seeded tracker and device generator. Returns whether every
+    saved generator was restored."""
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
     torch.set_rng_state(state["cpu"])
+    exact = True
     if torch.cuda.is_available() and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"])
+    elif torch.cuda.is_available() or "cuda" in state:
+        exact = False
     tracker = {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith("tracker/")}
-    if tracker:
+    current = get_cuda_rng_tracker().get_states()
+    if tracker and all(k in current and current[k].shape == v.shape for k, v in tracker.items()):
         get_cuda_rng_tracker().set_states(tracker)
+    elif tracker:
+        exact = False
+    return exact
 
 
 def save(engine, directory: str, iteration: int, client_state: dict, json_files: Dict[str, dict],

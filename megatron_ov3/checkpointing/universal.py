@@ -58,9 +58,11 @@ def _tp_gather(t: torch.Tensor, param) -> torch.Tensor:
     if not getattr(param, "tensor_model_parallel", False) or ps.get_tensor_model_parallel_world_size() == 1:
         return t
     group = ps.get_tensor_model_parallel_group()
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, t.contiguous(), group=group)
-    return torch.cat(parts, dim=param.partition_dim)
+    # on the parameter's device: NCCL gathers only CUDA tensors (a checkpoint's tensors are read onto the CPU)
+    local = t.to(param.device).contiguous()
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, local, group=group)
+    return torch.cat(parts, dim=param.partition_dim).to(t.device)
 
 
 def _tp_slice(t: torch.Tensor, param) -> torch.Tensor:

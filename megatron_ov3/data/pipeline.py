@@ -456,7 +456,8 @@ class DataIterator:
         n = max(1, self.cfg.num_workers)
         ds = ShardStream(self.cfg, self.dp_rank, self.dp_size, self.raw_pos, self.bad,
                          worker_offset=self.consumed_batches % n)
-        loader = DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers,
+        # pinned batches let the trainer's non_blocking copies overlap the step on a GPU
+        loader = DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers, pin_memory=torch.cuda.is_available(),
                             persistent_workers=False, prefetch_factor=2 if self.cfg.num_workers else None)
         return iter(loader)
 

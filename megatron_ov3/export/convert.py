@@ -147,7 +147,7 @@ def _sincos_table(cfg: dict) -> torch.Tensor:
     from ..models.posemb import sincos_2d
 
     grid = cfg["image_size"] // (cfg["vae_downsample"] * cfg["patch_size"])
-    return sincos_2d(cfg["encoder"]["width"], grid, cfg["pos_embed_ref_grid"])
+    return sincos_2d(cfg["encoder"]["width"], grid, cfg["pos_embed_ref_grid"]).clone()
 
 
 def _open_clip_positions(cfg: dict, weights: dict) -> torch.Tensor:

@@ -260,6 +260,9 @@ class LayerImplConfig:
     torch_compile: bool = field(default=False, metadata=cli())
     """``torch.compile`` each transformer layer, in place (applied around the model by
     :mod:`megatron_ov3.converters`; checkpoints unchanged)."""
+    tf32: bool = field(default=True, metadata=cli())
+    """On a GPU, fp32 matmuls and convolutions (fp32 runs, the frozen VAE, the loss heads) on TF32 tensor cores,
+    as open_clip and timm train; ``--no-tf32`` keeps them in full fp32. bf16 and FP8 GEMMs are unaffected."""
 
     def __post_init__(self):
         _require(self.transformer_impl in BACKENDS,

@@ -49,7 +49,7 @@ class LatentViTEncoder(nn.Module):
                 nn.init.normal_(self.class_token, std=t.width ** -0.5)
             if cfg.position_embedding_type == "learned":
                 g = cfg.pos_embed_ref_grid
-                self.pos_embed = nn.Parameter(sincos_2d(t.width, g, g))
+                self.pos_embed = nn.Parameter(sincos_2d(t.width, g, g).clone())
                 self.class_pos_embed = nn.Parameter(torch.zeros(1, t.width)) if cfg.class_token else None
         self.block = build_block(
             t, impl, causal=False, eps=cfg.layernorm_eps, name="encoder", split_across_pipeline=True,

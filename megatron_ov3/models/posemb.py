@@ -2,13 +2,16 @@
 resizing of a learned table to another grid (open_clip ``resize_pos_embed``)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 
 def sincos_2d(width: int, grid: int, ref_grid: int, temperature: float = 10000.0,
               device=None, dtype=torch.float32) -> torch.Tensor:
-    """(grid*grid, width) embedding, row-major over (y, x).
+    """(grid*grid, width) embedding, row-major over (y, x); computed once per arguments and cached (it was
+    recomputed in fp64 at every forward): treat the result as read-only.
 
     Positions are ``arange(grid) * ref_grid / grid``: at ``grid == ref_grid`` this is the standard integer
     sincos table; other grids sample the same continuous function, i.e. the table is interpolated, so a
@@ -16,14 +19,20 @@ def sincos_2d(width: int, grid: int, ref_grid: int, temperature: float = 10000.0
     """
     if width % 4:
         raise ValueError(f"sincos-2d position embedding needs width divisible by 4, got {width}")
-    pos = torch.arange(grid, device=device, dtype=torch.float64) * (ref_grid / grid)
+    return _sincos_cached(width, grid, ref_grid, float(temperature), torch.device(device or "cpu"), dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _sincos_cached(width: int, grid: int, ref_grid: int, temperature: float, device: torch.device,
+                   dtype: torch.dtype) -> torch.Tensor:
+    pos = torch.arange(grid, dtype=torch.float64) * (ref_grid / grid)
     y, x = torch.meshgrid(pos, pos, indexing="ij")
-    omega = torch.arange(width // 4, device=device, dtype=torch.float64) / (width // 4 - 1 if width > 4 else 1)
+    omega = torch.arange(width // 4, dtype=torch.float64) / (width // 4 - 1 if width > 4 else 1)
     omega = 1.0 / (temperature ** omega)
     y = y.flatten()[:, None] * omega[None, :]
     x = x.flatten()[:, None] * omega[None, :]
     emb = torch.cat([torch.sin(x), torch.cos(x), torch.sin(y), torch.cos(y)], dim=1)
-    return emb.to(dtype)
+    return emb.to(device=device, dtype=dtype)
 
 
 def resize_table(table: torch.Tensor, grid: int) -> torch.Tensor:

@@ -62,7 +62,8 @@ class VAEDecodeConfig:
     channels_last: bool = False
     """Run the decoder's convolutions in channels-last memory format (faster cuDNN kernels on GPU)."""
     autocast_bf16: bool = False
-    """Keep the VAE weights in their dtype (e.g. fp32) and run the decoder under bf16 autocast."""
+    """Keep the VAE weights in their dtype (e.g. fp32) and run the decoder (and the encode of image batches)
+    under bf16 autocast."""
     compile: bool = False
     """``torch.compile`` the decoder call (first step compiles; dynamic batch sizes recompile once)."""
     checkpoint: bool = False
@@ -85,7 +86,7 @@ class VAEConfig:
     vae_channels_last: bool = field(default=False, metadata=cli())
     """VAE decoder in channels-last memory format."""
     vae_autocast_bf16: bool = field(default=False, metadata=cli())
-    """VAE decoder under bf16 autocast (its weights stay fp32)."""
+    """VAE decoder and encoder under bf16 autocast (its weights stay fp32)."""
     vae_decode_compile: bool = field(default=False, metadata=cli())
     """``torch.compile`` the VAE decoder call."""
     vae_decode_checkpoint: bool = field(default=False, metadata=cli())
@@ -214,8 +215,9 @@ class FrozenVAE(nn.Module):
         """Images (B, 3, H, W) in [-1, 1] -> normalised latents (B, C, H/8, W/8), posterior mean, no grad."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"VAE.encode expects images of shape (B, 3, H, W), got {tuple(images.shape)}")
-        mean = self.vae.encode(images.to(self.dtype)).latent_dist.mean
-        return ((mean - self.shift_factor) * self.scaling_factor).float()
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.decode_config.autocast_bf16):
+            mean = self.vae.encode(images.to(self.dtype)).latent_dist.mean  # bf16 under --vae-autocast-bf16
+        return ((mean.float() - self.shift_factor) * self.scaling_factor).float()
 
     def _decode_eager(self, z: torch.Tensor) -> torch.Tensor:
         c = self.decode_config

@@ -203,6 +203,17 @@ def _device_name(device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+OOM_MARKERS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
+               "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE", "NVML_SUCCESS == r INTERNAL ASSERT FAILED")
+"""How an allocation failure reads when it is not a ``torch.cuda.OutOfMemoryError``: cuBLAS and cuDNN report
+their own allocation failures, and the caching allocator's NVML assert fires under memory pressure."""
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is the GPU running out of memory (so the max-micro-batch search tries a smaller batch)."""
+    return isinstance(e, torch.cuda.OutOfMemoryError) or any(m in str(e) for m in OOM_MARKERS)
+
+
 def largest_fitting(fits: Callable[[int], bool], limit: int) -> int:
     """Largest ``b`` in [1, limit] with ``fits(b)`` (0 if none), assuming fitting is monotone: doubling from
     1, then bisection between the last size that fitted and the first that did not."""
@@ -439,7 +450,9 @@ class Bench:
                 _train_step(model, opt, batch)()
                 _sync(dev)
                 return True
-            except torch.cuda.OutOfMemoryError:
+            except RuntimeError as e:  # torch.cuda.OutOfMemoryError is one; cuBLAS/cuDNN say it their way
+                if not is_out_of_memory(e):
+                    raise
                 return False
             finally:
                 del model, opt

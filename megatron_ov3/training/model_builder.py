@@ -50,6 +50,15 @@ def build_data(job: JobConfig, plan: BatchPlan, dp_rank: int, dp_size: int, stat
     return DataIterator(data_cfg, dp_rank, dp_size, state=state if state and "raw_pos" in state else None)
 
 
+def latent_input(job: JobConfig) -> bool:
+    """Whether the job trains on cached latents (no VAE encode in the step: the FLOP count leaves it out), known
+    from the data path before any batch exists (a pipelined step never shows the trainer its batches)."""
+    from ..data.pipeline import source_kind
+    from ..data.shards import expand_urls
+
+    return not job.data.mock_data and source_kind(expand_urls(job.data.data_path)[0]) == "latent"
+
+
 def memory_mb(device) -> float:
     """Peak memory of this rank: allocator bytes on CUDA, the process's peak RSS on CPU."""
     if device.type == "cuda":

@@ -37,7 +37,8 @@ class RNGState:
 
         return rng_state()
 
-    def load_state_dict(self, d: dict) -> None:
+    def load_state_dict(self, d: dict) -> bool:
+        """False when the checkpoint's generators belong to another kind of device (they are then left seeded)."""
         from ..checkpointing.deepspeed_io import set_rng_state
 
-        set_rng_state(d)
+        return set_rng_state(d)

@@ -26,7 +26,7 @@ from ..parallel.build_lock import clear_stale_build_locks
 from . import step as steps
 from .ds_config import deepspeed_config
 from .metrics import sinks_for
-from .model_builder import build_data, build_model_for_job, memory_mb
+from .model_builder import build_data, build_model_for_job, latent_input, memory_mb
 from .optim import build_optimizer
 from .state import RNGState, TrainState
 
@@ -144,8 +144,9 @@ class Trainer:
         if self.resume:
             client, rng, how = restore.resume(self.engine, ck.load, self.job.parallel.zero_stage)
             self.state.load_state_dict(client)
-            if rng is not None:
-                self.rng.load_state_dict(rng)
+            if rng is not None and not self.rng.load_state_dict(rng):
+                log0("note: the checkpoint's random generators were saved on another kind of device (CPU vs GPU); "
+                     "dropout and noise continue from this run's seed, so the resume is not bit-exact")
             data_state = restore.data_state_for(client, self.dp_size, self.dp_rank, log0)
             tag_dir = os.path.join(ck.load, ckpt_format.read_latest(ck.load))
             log0(f"resumed from {tag_dir} at iteration {self.state.iteration} ({self.state.consumed_samples} "
@@ -161,6 +162,7 @@ class Trainer:
                  f"{'kept' if ck.keep_optimizer else 'reset'})")
         self.data = build_data(self.job, self.plan, self.dp_rank, self.dp_size, data_state,
                                self.state.consumed_samples)
+        self.latent_input = latent_input(self.job)
 
     def _warn_if_stage_changed(self, tag_dir: str) -> None:
         """Resuming at another resolution continues the old schedule and data position: say so."""
@@ -214,7 +216,6 @@ class Trainer:
             outs = []
             while len(outs) < self.plan.grad_accum:  # a non-finite micro-batch is replaced by the next one
                 batch = next(self.data)
-                self.latent_input = "images" not in batch
                 out, norm, stop = steps.micro_step(self.engine, batch, self.device, self.own_grad_norm, signaled)
                 self.stop_requested |= stop
                 if out is None:

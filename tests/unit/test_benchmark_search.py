@@ -19,3 +19,16 @@ def test_largest_fitting_finds_every_threshold(limit):
         assert largest_fitting(fits, limit) == min(threshold, limit)
         assert all(1 <= b <= limit for b in probes)
         assert len(probes) <= 2 * math.ceil(math.log2(limit + 1)) + 2  # doubling + bisection, not a scan
+
+
+def test_out_of_memory_is_recognised_in_every_form_the_search_meets():
+    """The max-micro-batch search tries a smaller batch on an allocation failure, whichever library reports it,
+    and lets every other error through."""
+    import torch
+
+    from megatron_ov3.perf.benchmark import is_out_of_memory
+
+    assert is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate`"))
+    assert is_out_of_memory(RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"))
+    assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 5x6)"))

@@ -157,6 +157,15 @@ def test_vae_save_load_local(tmp_path, mp1):
         FrozenVAE.from_pretrained(str(tmp_path / "nope"))
 
 
+def test_sincos_table_is_computed_once_and_never_aliased_by_a_parameter(mp1):
+    assert sincos_2d(64, 4, 4) is sincos_2d(64, 4, 4)  # cached per arguments, not recomputed in every forward
+    model = build_model(get_config("tiny", image_size=32, position_embedding_type="learned"))
+    g = model.cfg.pos_embed_ref_grid
+    table = sincos_2d(model.cfg.encoder.width, g, g)
+    torch.testing.assert_close(model.encoder.pos_embed.data, table)
+    assert model.encoder.pos_embed.data_ptr() != table.data_ptr()  # training cannot write into the cache
+
+
 def test_sincos_interpolates_between_resolutions():
     full = sincos_2d(64, 16, 16)
     half = sincos_2d(64, 8, 16)
@@ -234,3 +243,20 @@ def test_vae_decode_backward_costs_one_forward():
     per_image = counter.get_total_flops() / 2
     forward = vae_fwd_flops(vae, 32)[1]
     assert abs(per_image / forward - 2.0) < 0.1, per_image / forward
+
+
+def test_generators_saved_on_another_kind_of_device_are_left_seeded_not_a_crash(fresh_seed):
+    """A checkpoint written on a GPU (megatron's tracker holds 16-byte CUDA Philox states and a 'cuda' entry) read
+    on this CPU, and the CPU's own states restored exactly; the GPU-side reverse takes the same branch."""
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    from megatron_ov3.checkpointing.deepspeed_io import rng_state, set_rng_state
+
+    mine = rng_state()
+    gpu = {"cpu": mine["cpu"], "cuda": torch.zeros(16, dtype=torch.uint8),
+           **{k: torch.zeros(16, dtype=torch.uint8) for k in mine if k.startswith("tracker/")}}
+    before = get_cuda_rng_tracker().get_states()
+    assert set_rng_state(gpu) is False
+    assert all(torch.equal(before[k], v) for k, v in get_cuda_rng_tracker().get_states().items())
+    torch.rand(3)
+    assert set_rng_state(mine) is True and torch.equal(torch.get_rng_state(), mine["cpu"])
