@@ -32,7 +32,7 @@ def _step(ae, x: torch.Tensor, kl_weight: float) -> Tuple[torch.Tensor, float]:
     posterior = ae.encode(x).latent_dist
     rec = ae.decode(posterior.sample()).sample
     loss = (rec - x).abs().mean() + (rec - x).pow(2).mean() + kl_weight * posterior.kl().mean()
-    return loss, float((rec - x).abs().mean())
+    return loss, float((rec.detach() - x).abs().mean())
 
 
 @torch.no_grad()

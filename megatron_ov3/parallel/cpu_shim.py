@@ -56,6 +56,11 @@ def _cpu_zeros(orig_zeros):
     return zeros
 
 
+def active() -> bool:
+    """Whether the CPU substitutions are installed in this process (never on a GPU machine)."""
+    return _INSTALLED
+
+
 def install() -> bool:
     """Install the CPU substitutions if CUDA is unavailable. Returns True if the shim is active."""
     global _INSTALLED

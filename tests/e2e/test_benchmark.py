@@ -63,24 +63,6 @@ def test_benchmark_report(tmp_path):
     assert t.returncode == 2 and "not a tools/benchmark.py report" in t.stderr
 
 
-def test_benchmark_fp8_and_compiled_layers(tmp_path):
-    """--fp8-format with the local backend (torchao float8, emulated on CPU) and --torch-compile: the fast step
-    is also timed without FP8 and with eager layers, in the same run, and the ratios are reported."""
-    out = tmp_path / "fp8.json"
-    r = _bench("--model-size", "tiny", "--image-size", 32, "--micro-batch-size", 4, "--tiny-vae", "--steps", 1,
-               "--warmup", 1, "--transformer-impl", "local", "--fp8-format", "hybrid", "--torch-compile",
-               "--no-naive", "--no-bare", "--no-breakdown", "--no-vae-decode", "--json", out)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rep = json.load(open(out))
-    res, ratios = rep["results"], rep["ratios"]
-    assert rep["config"]["layers"]["fp8_format"] == "hybrid" and rep["config"]["layers"]["torch_compile"] is True
-    for name in ("ov3", "ov3_no_fp8", "ov3_eager_layers"):
-        assert res[name]["images_per_s"] > 0 and name in r.stdout
-    assert math.isclose(ratios["fp8_vs_no_fp8"], res["ov3"]["images_per_s"] / res["ov3_no_fp8"]["images_per_s"])
-    assert math.isclose(ratios["compiled_vs_eager_layers"],
-                        res["ov3"]["images_per_s"] / res["ov3_eager_layers"]["images_per_s"])
-
-
 def test_benchmark_usage_errors():
     r = run_inprocess("tools/benchmark.py", "--image-size", 30)
     assert r.returncode == 2 and "multiple of 16" in r.stderr

@@ -36,7 +36,10 @@ def counted(monkeypatch):
         def read(self, *a, **kw):
             if id(self) not in host:
                 frame = traceback.extract_stack(limit=3)[-2]
-                mine = os.path.abspath(frame.filename).startswith(os.path.join(ROOT, "megatron_ov3"))
+                where = os.path.abspath(frame.filename)
+                if where.endswith(os.path.join("torch", "optim", "optimizer.py")):
+                    return real(self, *a, **kw)  # torch's Adam step counter: a host tensor unless capturable
+                mine = where.startswith(os.path.join(ROOT, "megatron_ov3"))
                 calls[("ours" if mine else "library", os.path.basename(frame.filename), frame.lineno)] += 1
             return real(self, *a, **kw)
         return read
@@ -50,7 +53,8 @@ def counted(monkeypatch):
 def test_a_micro_batch_costs_one_host_sync(counted, tmp_path, monkeypatch):
     """Ours: one read per micro-batch (``step.agree``: every rank's loss finite, any rank signalled), metrics stay on
     the device until the log interval, the decoder's seeds never reach the device. DeepSpeed's own reads at the
-    optimizer step (its gradient-norm overflow checks, 3 with ZeRO-1 in 0.19) are counted and bounded."""
+    optimizer step (its gradient-norm overflow checks, 3 with ZeRO-1 in 0.19) are counted and bounded; torch Adam's
+    step counter is a host tensor (not capturable), read without a device wait, and not counted."""
     from megatron_ov3.config.job import parse_job
     from megatron_ov3.training import trainer as T
     from dist_utils import free_port
@@ -69,7 +73,14 @@ def test_a_micro_batch_costs_one_host_sync(counted, tmp_path, monkeypatch):
     assert tr.train_step()
     ours = {k: v for k, v in calls.items() if k[0] == "ours"}
     library = {k: v for k, v in calls.items() if k[0] == "library"}
+    if os.environ.get("OV3_HOST_SYNCS_JSON"):  # examples/gpu_check.sh records what the GPU run counted
+        import json
+
+        with open(os.environ["OV3_HOST_SYNCS_JSON"], "w") as f:
+            json.dump({"device": str(tr.device), "micro_batches": tr.plan.grad_accum,
+                       "ours": sum(ours.values()), "optimizer_step_library": sum(library.values()),
+                       "where": {f"{w}:{f}:{n}": c for (w, f, n), c in calls.items()}}, f, indent=1)
     assert sum(ours.values()) == tr.plan.grad_accum == 2, ours
     assert all(f == "step.py" for _, f, _ in ours), ours
-    assert sum(library.values()) <= 4, library  # per optimizer step, not per micro-batch
+    assert sum(library.values()) <= 3, library  # per optimizer step, not per micro-batch
     assert all(isinstance(v, torch.Tensor) for v in tr._sums.values())  # reduced at the log interval only
