@@ -7,10 +7,10 @@
 # Needs a CUDA torch, megatron-core, deepspeed and diffusers (pip install -e .); torchao for the torchao FP8 row
 # (pip install -e .[fp8]); Transformer Engine for the TE rows. VAE_PATH=/local/FLUX.1-vae uses real weights
 # (same cost as the default random-init VAE of the same architecture).
-set -euo pipefail
+set -u  # no -e: a failing benchmark is reported and the next one runs (examples/gpu_check.sh is the first-run check)
 OUT=${1:?usage: bash examples/benchmark_gpu.sh OUT_DIR [VENDOR_PEAK_TFLOPS]}
 PEAK=${2:-989}
-PY=${OV3_PYTHON:-python}
+PY=${OV3_PYTHON:-python3}
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 has() { "$PY" -c "import $1" 2>/dev/null; }
@@ -20,16 +20,17 @@ has() { "$PY" -c "import $1" 2>/dev/null; }
 bench() { "$PY" tools/benchmark.py --image-size 256 --peak-tflops "$PEAK" ${VAE_PATH:+--vae-path "$VAE_PATH"} "$@"; }
 only_step=(--no-naive --no-bare --no-vae-decode --no-breakdown)
 # whole step vs the naive step, encoder vs bare ViT (eager + compiled) and megatron local, VAE decode vs eager
-bench --model-size H --micro-batch-size 64 --bare-compile --json "$OUT/H.json"
+bench --model-size H --micro-batch-size 32 --bare-compile --json "$OUT/H.json"
 # per-layer torch.compile vs eager layers
-bench --model-size H --micro-batch-size 64 --torch-compile "${only_step[@]}" --json "$OUT/H_compile.json"
-# FP8 vs the same step without it: torchao float8 (local layers), and Transformer Engine when it imports
+bench --model-size H --micro-batch-size 32 --torch-compile "${only_step[@]}" --json "$OUT/H_compile.json"
+# FP8 vs the same step without it: torchao float8 (local layers; compiled, since eager float8 is slower than bf16 by
+# construction: the benchmark then times FP8 vs bf16 both compiled), and Transformer Engine when it imports
 if has torchao.float8; then
-  bench --model-size H --micro-batch-size 64 --transformer-impl local --fp8-format hybrid "${only_step[@]}" \
+  bench --model-size H --micro-batch-size 32 --transformer-impl local --fp8-format hybrid --torch-compile "${only_step[@]}" \
     --json "$OUT/H_fp8_torchao.json"
 fi
 if has transformer_engine.pytorch; then
-  bench --model-size H --micro-batch-size 64 --transformer-impl te --fp8-format hybrid "${only_step[@]}" \
+  bench --model-size H --micro-batch-size 32 --transformer-impl te --fp8-format hybrid "${only_step[@]}" \
     --json "$OUT/H_fp8_te.json"
 fi
 # largest micro batches, without and with full recomputation

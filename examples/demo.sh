@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 OUT=${DEMO_DIR:-runs/demo}
 NUM=${NUM_SAMPLES:-2000}
 ITERS=${TRAIN_ITERS:-300}
-VAE_STEPS=${VAE_STEPS:-1000}
+VAE_STEPS=${VAE_STEPS:-2000}
 LAST=$(printf '%05d' $(( NUM / 100 - 1 )))
 TRAIN="$OUT/data/synthetic-{00000..$LAST}.tar"
 mkdir -p "$OUT"
