@@ -6,12 +6,13 @@ from typing import Optional
 
 from ..errors import MissingFile, UsageError
 from . import format as fmt
-from .universal import load_universal, read_meta
+from .universal import load_universal, read_meta, universal_folder
 
 
 def resolve_universal(path: str, log=print) -> str:
-    """Checkpoint dir (with ``latest``), an ``iter_*`` dir, or a ``universal`` dir -> the universal dir (made
-    from DeepSpeed's files first when the checkpoint has none yet)."""
+    """Checkpoint dir (with ``latest``), an ``iter_*`` dir, a ``universal`` dir or the folder holding one (an
+    ``init_checkpoint`` output) -> the universal dir (made from DeepSpeed's files first when the checkpoint has
+    none yet)."""
     from .from_deepspeed import ensure_universal
 
     if not os.path.exists(path):
@@ -19,6 +20,7 @@ def resolve_universal(path: str, log=print) -> str:
     if not os.path.isdir(path):
         raise UsageError(f"checkpoint path {path!r} is a file; pass the run's --save folder, one of its iter_* "
                          f"folders or a universal folder")
+    path = universal_folder(path)
     if os.path.isfile(os.path.join(path, "meta.json")):
         fmt.check(path)
         return path

@@ -143,6 +143,7 @@ def init_from_universal(model, cfg, directory: str, log: Callable[[str], None] =
     the encoder options must match the checkpoint's (the flag that differs is named)."""
     from ..models.config import current_names
 
+    directory = universal.universal_folder(directory)
     fmt.check(directory)
     saved = current_names(universal.read_meta(directory).get("model_config", {}))
     mine = cfg.to_dict()

@@ -246,3 +246,12 @@ def load_universal(engine, directory: str, load_optimizer: bool = True) -> dict:
                 if q in torch_opt.state:
                     torch_opt.state[q]["step"] = step_tensor(meta["optimizer_step"], q, group)
     return meta
+
+
+def universal_folder(path: str) -> str:
+    """``path``, or its ``universal`` subfolder when ``path`` only holds one (what ``tools/init_checkpoint.py
+    --output`` was given): every tool that reads a universal checkpoint takes either folder."""
+    inner = os.path.join(path, "universal")
+    if not os.path.isfile(os.path.join(path, "meta.json")) and os.path.isfile(os.path.join(inner, "meta.json")):
+        return inner
+    return path

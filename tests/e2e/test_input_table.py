@@ -208,3 +208,15 @@ def test_a_malformed_json_sample_is_counted_and_training_goes_on(tmp_path, tiny_
                       tiny_data[1], "--tiny-vae", "--image-size", 32, "--micro-batch-size", 2, "--global-batch-size", 2,
                       "--train-iters", 2, "--log-interval", 1, "--num-workers", 1, "--no-augment")
     assert r.returncode == 0 and "missing_caption" in r.stdout, (r.stdout[-2000:], r.stderr[-2000:])
+
+
+def test_tools_chain_on_the_folder_init_checkpoint_was_given(universal_init, mp1):
+    """``tools/init_checkpoint.py --output INIT`` prints INIT/universal; export, evaluation and --init-universal
+    take INIT too (the folder the user named), not only INIT/universal."""
+    from megatron_ov3.checkpointing import load_model
+    from megatron_ov3.checkpointing.load import resolve_universal
+
+    parent = os.path.dirname(str(universal_init))
+    assert resolve_universal(parent) == str(universal_init)
+    model, meta = load_model(parent, with_vae=False)  # an init checkpoint names no VAE
+    assert meta["model_config"] and sum(p.numel() for p in model.parameters()) > 0
