@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -17,6 +18,23 @@ def _shutdown_distributed(barrier: bool) -> None:
     if barrier:
         dist.barrier()
     dist.destroy_process_group()
+    release_shared_memory()
+
+
+def release_shared_memory() -> None:
+    """DeepSpeed's CPU all-reduce (its shm comm op) creates a 66 MB buffer per rank in /dev/shm
+    (``deepspeed_allreduce_buffer_{uid}_{MASTER_ADDR}_{MASTER_PORT}_{local rank}``) and never unlinks it, so every
+    CPU run left it behind: RAM, since /dev/shm is a tmpfs (one day of test runs here: 279 buffers, 18 GB of 24, and
+    a machine thrashing). Each rank unlinks its own once its process group is gone; the memory itself is freed
+    when the last rank unmaps it."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not (addr and port):
+        return
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{os.environ.get('LOCAL_RANK', '0')}"
+    try:
+        os.unlink(os.path.join("/dev/shm", name))
+    except OSError:  # not created (a GPU run, one process) or already gone
+        pass
 
 
 def run(main, argv=None) -> int:

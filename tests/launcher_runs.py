@@ -21,11 +21,18 @@ def recipe_env(dataset, ckpt, **extra):
 
 
 def launch(dataset, ckpt, *flags, timeout=300, **extra):
-    """``deepspeed --num_gpus 2 examples/pretrain_ov3_tiny.sh --log-interval 1 FLAGS`` on one host."""
-    cmd = [DS, "--num_gpus", "2", "--master_port", str(free_port()), "examples/pretrain_ov3_tiny.sh",
+    """``deepspeed --num_gpus 2 examples/pretrain_ov3_tiny.sh --log-interval 1 FLAGS`` on one host. A run that
+    finished leaves none of DeepSpeed's CPU all-reduce buffers in /dev/shm (``cli.release_shared_memory``)."""
+    port = free_port()
+    cmd = [DS, "--num_gpus", "2", "--master_port", str(port), "examples/pretrain_ov3_tiny.sh",
            "--log-interval", "1", *map(str, flags)]
-    return subprocess.run(cmd, cwd=ROOT, env=recipe_env(dataset, ckpt, **extra), capture_output=True, text=True,
-                          timeout=timeout)
+    r = subprocess.run(cmd, cwd=ROOT, env=recipe_env(dataset, ckpt, **extra), capture_output=True, text=True,
+                       timeout=timeout)
+    if r.returncode == 0 and os.path.isdir("/dev/shm"):
+        left = [f for f in os.listdir("/dev/shm") if f.startswith("deepspeed_allreduce_buffer_")
+                and f.rsplit("_", 2)[-2] == str(port)]
+        assert not left, f"the run left DeepSpeed's shared-memory buffers behind: {left}"
+    return r
 
 
 def metrics(path):
