@@ -23,6 +23,9 @@ def _entry(rank, world, port, fn, args, errq):
 
         if dist.is_initialized():
             dist.destroy_process_group()
+        from megatron_ov3.cli import release_shared_memory
+
+        release_shared_memory()  # DeepSpeed's CPU all-reduce buffer of this rank, as the entry points do
 
 
 def run_distributed(fn, world: int, port: int, *args, timeout: float = 180.0) -> None:

@@ -40,6 +40,9 @@ def main() -> int:
         dist.barrier()
         parallel.destroy_model_parallel()
     dist.destroy_process_group()
+    from megatron_ov3.cli import release_shared_memory
+
+    release_shared_memory()  # as every entry point does through cli.run
     return 0
 
 
