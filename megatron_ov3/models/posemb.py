@@ -19,15 +19,16 @@ def sincos_2d(width: int, grid: int, ref_grid: int, temperature: float = 10000.0
     """
     if width % 4:
         raise ValueError(f"sincos-2d position embedding needs width divisible by 4, got {width}")
-    return _sincos_cached(width, grid, ref_grid, float(temperature), torch.device(device or "cpu"), dtype)
+    device = torch.empty(0).device if device is None else torch.device(device)  # None: the default (meta too)
+    return _sincos_cached(width, grid, ref_grid, float(temperature), device, dtype)
 
 
 @functools.lru_cache(maxsize=64)
 def _sincos_cached(width: int, grid: int, ref_grid: int, temperature: float, device: torch.device,
                    dtype: torch.dtype) -> torch.Tensor:
-    pos = torch.arange(grid, dtype=torch.float64) * (ref_grid / grid)
-    y, x = torch.meshgrid(pos, pos, indexing="ij")
-    omega = torch.arange(width // 4, dtype=torch.float64) / (width // 4 - 1 if width > 4 else 1)
+    pos = torch.arange(grid, dtype=torch.float64, device="cpu") * (ref_grid / grid)  # on the CPU, whatever the
+    y, x = torch.meshgrid(pos, pos, indexing="ij")                                    # default device
+    omega = torch.arange(width // 4, dtype=torch.float64, device="cpu") / (width // 4 - 1 if width > 4 else 1)
     omega = 1.0 / (temperature ** omega)
     y = y.flatten()[:, None] * omega[None, :]
     x = x.flatten()[:, None] * omega[None, :]
