@@ -81,7 +81,7 @@ class RowParallelLinear(_CoreRowParallelLinear):
     ``tests/unit/test_converters.py``), and every rank waited for rank 0's extra graph launches."""
 
     def _forward_impl(self, input, weight, *args, **kwargs):
-        if kwargs.get("tp_group", self) is None:
+        if kwargs.get("tp_group") is None:
             kwargs["tp_group"] = self.tp_group
         return super()._forward_impl(input, weight, *args, **kwargs)
 

@@ -217,7 +217,7 @@ class FrozenVAE(nn.Module):
             raise ValueError(f"VAE.encode expects images of shape (B, 3, H, W), got {tuple(images.shape)}")
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.decode_config.autocast_bf16):
             mean = self.vae.encode(images.to(self.dtype)).latent_dist.mean  # bf16 under --vae-autocast-bf16
-        return ((mean.float() - self.shift_factor) * self.scaling_factor).float()
+        return (mean.float() - self.shift_factor) * self.scaling_factor
 
     def _decode_eager(self, z: torch.Tensor) -> torch.Tensor:
         c = self.decode_config
