@@ -4,7 +4,7 @@
 # (huggingface.co/datasets/UCSC-VLAA/Recap-DataComp-1B) carry the image URL, the original alt-text and the
 # LLaVA-Llama-3 recaption; every shard sample becomes
 #   KEY.jpg   the image (shorter side at most IMAGE_SIZE, JPEG quality 95)
-#   KEY.txt   the alt-text (CAPTION_COL)                 -> the contrastive text tower (--text-encoder-caption)
+#   KEY.txt   the alt-text (CAPTION_COL)                 -> the contrastive text tower (--contrastive-texts)
 #   KEY.json  img2dataset's metadata + the recaption (RECAPTION_COL, read with --recaption-key) -> caption decoder
 # plus img2dataset's NAME_stats.json per shard (the loader reads the sample count from it, so a truncated shard
 # counts the samples it lost). Then: tools/train_tokenizer.py --data-path OUTPUT/{00000..NNNNN}.tar (it reads

@@ -10,11 +10,19 @@ averaging, the update equals the gradient of the *global* loss over the concaten
 """
 from __future__ import annotations
 
-from typing import Tuple
+from dataclasses import dataclass
+from typing import List, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+
+CONTRASTIVE_TEXTS = ("alt", "recap-sentence", "alt-or-recap-sentence")
+"""What a contrastive text can be (``OV3Config.contrastive_texts`` documents each; the data draws them)."""
+TEXT_KEYS = ("text_ids", "text_ids_2")
+"""Batch entries of the contrastive texts, in ``--contrastive-texts`` order (the data writes them, the model reads
+them): one text tower pass and one contrastive loss each, averaged."""
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -64,6 +72,72 @@ def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scal
         acc_i2t = (logits_i2t.argmax(dim=1) == labels).float().mean()
         acc_t2i = (logits_t2i.argmax(dim=1) == labels).float().mean()
     return loss, acc_i2t, acc_t2i
+
+
+@dataclass
+class EmbeddingPool:
+    """The contrastive embeddings of every micro-batch of one accumulation window, computed without gradients
+    before the window's forward/backward passes (open_clip's ``--accum-freq``), so each micro-batch's loss sees
+    the whole global batch: its own rows recomputed with gradients, the other micro-batches' rows from here."""
+
+    images: torch.Tensor
+    """(A*B, E) image embeddings of this rank's A micro-batches of B samples, in window order."""
+    texts: List[torch.Tensor]
+    """Per contrastive text (``--contrastive-texts``), (A*B, E) text embeddings in the same order."""
+    rows: int
+    """B, the samples of one micro-batch."""
+    index: int = 0
+    """The micro-batch (0..A-1) whose forward reads the pool now."""
+
+    @property
+    def micro_batches(self) -> int:
+        return self.images.shape[0] // self.rows
+
+    def at(self, index: int) -> "EmbeddingPool":
+        return EmbeddingPool(self.images, self.texts, self.rows, index)
+
+    def replaced(self, index: int, slot) -> "EmbeddingPool":
+        """A copy with micro-batch ``index``'s rows taken from ``slot`` (a new micro-batch's pool pass)."""
+        rows = slice(index * self.rows, (index + 1) * self.rows)
+        images, texts = self.images.clone(), [t.clone() for t in self.texts]
+        images[rows] = slot["image"]
+        for i, t in enumerate(texts):
+            t[rows] = slot[f"text{i}"]
+        return EmbeddingPool(images, texts, self.rows, self.index)
+
+    def with_own(self, pooled: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+        """``pooled`` with this micro-batch's rows replaced by ``own`` (which carries the gradient)."""
+        if own.shape[0] != self.rows:
+            raise ValueError(f"micro-batch of {own.shape[0]} rows in a pool of micro-batches of {self.rows}")
+        start = self.index * self.rows
+        return torch.cat([pooled[:start].to(own.dtype), own, pooled[start + self.rows:].to(own.dtype)])
+
+
+def pooled_contrastive_loss(image_emb: torch.Tensor, text_embs: List[torch.Tensor], logit_scale: torch.Tensor,
+                            pool: "EmbeddingPool | None", group=None):
+    """The contrastive loss of one micro-batch: averaged over the contrastive texts, and with a ``pool`` over the
+    whole accumulation window.
+
+    With a pool of A micro-batches the value is the loss of the window's A*B rows (gathered over ``group`` as
+    without one), and the gradient is scaled so that after DeepSpeed divides each micro-batch's loss by A and
+    sums the A backward passes, every parameter's gradient equals that of one pass over the A*B rows: A x the
+    gradient through this micro-batch's own embeddings (the only ones that carry one), and the logit scale's
+    own gradient (which every micro-batch's loss carries whole) 1/A of that.
+    Returns ``(loss, image_to_text_accuracy, text_to_image_accuracy)``, the accuracies of the first text."""
+    a = pool.micro_batches if pool is not None else 1
+    if a > 1:
+        logit_scale = logit_scale.detach() + (logit_scale - logit_scale.detach()) / a  # value unchanged
+        image_emb = pool.with_own(pool.images, image_emb)
+        text_embs = [pool.with_own(p, t) for p, t in zip(pool.texts, text_embs)]
+    losses, accs = [], None
+    for txt in text_embs:
+        loss, acc_i2t, acc_t2i = contrastive_loss(image_emb, txt, logit_scale, group)
+        losses.append(loss)
+        accs = accs or (acc_i2t, acc_t2i)
+    loss = torch.stack(losses).mean()
+    if a > 1:
+        loss = loss.detach() + a * (loss - loss.detach())  # value unchanged, gradient x A
+    return loss, accs[0], accs[1]
 
 
 def l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

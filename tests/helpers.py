@@ -24,6 +24,39 @@ def random_batch(b=4, image_size=64, vocab=512, seed=0, text_len=80, caption_len
     }
 
 
+def split(batch, parts):
+    """A batch cut into ``parts`` equal micro-batches (every entry along its first dimension)."""
+    n = next(iter(batch.values())).shape[0] // parts
+    return [{k: v[i * n:(i + 1) * n] for k, v in batch.items()} for i in range(parts)]
+
+
+def window_batch(two_texts=False):
+    """8 samples at 32px with per-sample decoder-noise seeds (the same noise whatever the split), optionally a
+    second contrastive text: the batch of the accumulation-window tests."""
+    b = random_batch(b=8, image_size=32, pad_from=20)
+    b["noise_seeds"] = torch.arange(100, 108)
+    if two_texts:
+        b["text_ids_2"] = torch.roll(b["text_ids"], 1, dims=1)
+    return b
+
+
+def window_step(model, micro_batches, pooled=True):
+    """One step's backward over ``micro_batches`` as the trainer runs it through DeepSpeed (each micro-batch's loss
+    divided by their number before its backward), with the contrastive pool unless ``pooled`` is False.
+    Returns each micro-batch's contrastive loss; the gradients are left on the parameters."""
+    from megatron_ov3.training import step as steps
+
+    a = len(micro_batches)
+    slots = [steps.pool_slot(model, b, "cpu") for b in micro_batches] if pooled and a > 1 else None
+    pool = steps.make_pool(slots) if slots else None
+    losses = []
+    for j, b in enumerate(micro_batches):
+        out = model(steps.with_pool(b, slots[j], pool, j) if pool is not None else b)
+        (out["total_loss"] / a).backward()
+        losses.append(out["contrastive_loss"].detach())
+    return losses
+
+
 def tiny_dataset(directory):
     """320 synthetic 32px image-caption samples in 8 tar shards and a 64-token sentencepiece model:
     (data path in brace notation, tokenizer path)."""

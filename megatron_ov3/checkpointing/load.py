@@ -58,7 +58,7 @@ def load_model(path: str, vae_path: Optional[str] = None, weights: bool = True, 
     if "model_config" not in meta:
         raise UsageError(f"{uni!r} has no model_config in meta.json; re-save it with this version")
     vae = vae_from_meta(meta, vae_path) if with_vae else None
-    model = build_model(OV3Config.from_dict(meta["model_config"]), vae=vae)
+    model = build_model(OV3Config.from_saved(meta["model_config"]), vae=vae)
     if weights:
         load_universal(model, uni, load_optimizer=False)
     return model, meta

@@ -84,12 +84,12 @@ SHAPE_FIELDS = ("encoder", "decoder", "text", "caption", "vocab_size", "latent_c
 def check_same_model(iter_dir: str, cfg, flag: str) -> None:
     """A checkpoint of another model than this run's (size, towers, vocabulary, encoder options) is one usage
     error naming both, before DeepSpeed meets mismatched tensors."""
-    from ..models.config import current_names
+    from ..models.config import saved_config
 
     path = os.path.join(iter_dir, "ov3_config.json")
     if not os.path.isfile(path):
         return
-    saved, mine = current_names(json.load(open(path))), cfg.to_dict()
+    saved, mine = saved_config(json.load(open(path))), cfg.to_dict()
     for field in SHAPE_FIELDS + tuple(INIT_FIELDS):
         if field in saved and field in mine and saved[field] != mine[field]:
             how = INIT_FIELDS.get(field) or ("--model-size" if field in SHAPE_FIELDS[:4] else f"the {field}")
@@ -135,17 +135,18 @@ def restore_weights(engine, directory: str, zero_stage: int, keep_optimizer: boo
 
 # config fields that change which encoder parameters exist, and the flag that sets each
 INIT_FIELDS = {"position_embedding_type": "--position-embedding-type", "pos_embed_ref_grid": "--pos-embed-ref-grid",
-               "class_token": "--class-token", "register_tokens": "--register-tokens"}
+               "class_token": "--class-token", "register_tokens": "--register-tokens",
+               "caption_prefix": "--caption-prefix", "decoder_noise_norm": "--decoder-noise-norm"}
 
 
 def init_from_universal(model, cfg, directory: str, log: Callable[[str], None] = print) -> None:
     """``--init-universal``: weights into the bare model before ZeRO partitions anything (every stage works);
     the encoder options must match the checkpoint's (the flag that differs is named)."""
-    from ..models.config import current_names
+    from ..models.config import saved_config
 
     directory = universal.universal_folder(directory)
     fmt.check(directory)
-    saved = current_names(universal.read_meta(directory).get("model_config", {}))
+    saved = saved_config(universal.read_meta(directory).get("model_config", {}))
     mine = cfg.to_dict()
     for field, flag in INIT_FIELDS.items():
         if field in saved and saved[field] != mine[field]:

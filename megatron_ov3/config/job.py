@@ -54,6 +54,12 @@ class TrainConfig:
     """Stop after this many consecutive non-finite losses."""
     exit_interval: Optional[int] = field(default=None, metadata=cli())
     """Save (with --save) and exit 0 after an iteration divisible by this (the schedule is unchanged)."""
+    contrastive_global_batch: bool = field(default=True, metadata=cli())
+    """With gradient accumulation, compute the contrastive loss over the whole global batch, as OpenVision does
+    in one step (open_clip's --accum-freq): a no-grad forward of the towers over every micro-batch of the step
+    first (its share of the step time is logged as ``contrastive_pool_share``), then each micro-batch's loss
+    uses its own embeddings with gradients and the cached ones of the rest. --no-contrastive-global-batch: each
+    micro-batch's loss sees only its micro-batch (x the data-parallel size). Pipeline parallelism included."""
 
     def validate(self) -> None:
         if self.micro_batch_size is None or self.global_batch_size is None:
@@ -286,7 +292,7 @@ TITLES = {"model": "model", "layers": "layers and precision", "vae": "frozen VAE
 # filled by resolve() from the section that owns the value; a file setting them is told where they live
 DERIVED = {("data", "micro_batch_size"): "train.micro_batch_size", ("data", "image_size"): "model.image_size",
            ("data", "seed"): "train.seed", ("data", "text_length"): "model.text_context_length",
-           ("data", "caption_length"): "model.caption_length"}
+           ("data", "caption_length"): "model.caption_length", ("data", "contrastive_texts"): "model.contrastive_texts"}
 
 
 @dataclass
@@ -356,7 +362,8 @@ def resolve(raw: Mapping[str, Mapping[str, Any]], where: str = "configuration",
     model = resolve_model(raw.get("model", {}), vocab)
     train = TrainConfig(**raw.get("train", {}))
     data = DataConfig(**data_raw, micro_batch_size=train.micro_batch_size or 1, image_size=model.image_size,
-                      seed=train.seed, text_length=model.text_context_length, caption_length=model.caption_length)
+                      seed=train.seed, text_length=model.text_context_length, caption_length=model.caption_length,
+                      contrastive_texts=model.contrastive_texts)
     job = JobConfig(model=model, layers=LayerImplConfig(**raw.get("layers", {})), vae=VAEConfig(**raw.get("vae", {})),
                     data=data, train=train, optim=OptimConfig(**raw.get("optim", {})),
                     parallel=ParallelConfig(**raw.get("parallel", {})),
@@ -434,7 +441,14 @@ def parse_job(argv: Optional[List[str]] = None, environ: Optional[Mapping[str, s
 def job_from_dict(d: Mapping[str, Any]) -> JobConfig:
     """A JobConfig from its :meth:`JobConfig.to_dict` (e.g. a checkpoint's ``job_config.json``); the saved
     values are complete, so the tokenizer is not consulted."""
+    from ..models.config import saved_config
+
     raw = {s: {k: v for k, v in vals.items() if (s, k) not in DERIVED} for s, vals in d.items()}
+    legacy_text = raw.get("data", {}).pop("text_encoder_caption", None)  # a data option before 2026-12-08
+    if raw.get("model"):
+        raw["model"] = saved_config(raw["model"])
+        if legacy_text:
+            raw["model"].setdefault("contrastive_texts", legacy_text)
     return resolve(raw, where="saved job configuration", tokenizer_vocab=False)
 
 

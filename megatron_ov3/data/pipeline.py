@@ -39,12 +39,12 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import MissingFile, UsageError
+from ..losses import CONTRASTIVE_TEXTS, TEXT_KEYS
 from ..options import check_numbers, cli
 from .images import TOO_LARGE, Augment, decode_image, to_rgb  # noqa: F401 (decode_image, to_rgb: public here)
 from .shards import (LATENT_MANIFEST, RECAPTION_KEY, caption_of, decode_latent, expand_urls, image_bytes,
                      iter_tar_samples, recaption_of, sample_kind, shard_name)
 
-TEXT_CHOICES = ("alt", "recap-sentence", "alt-or-recap-sentence")
 REASONS = ("bad_shard", "bad_image", "missing_image", "missing_caption", "empty_caption", "bad_latent", "wrong_kind",
            "duplicate_member", "lost_sample", "too_large")
 UNUSABLE_STREAK = 2000  # raw samples in a row without a usable one: the source holds nothing to train on
@@ -93,11 +93,11 @@ class DataConfig:
     0: no jitter."""
     grayscale_prob: float = field(default=0.2, metadata=cli(low=0, high=1))
     """Probability that a training view is made grayscale (SimCLR and OpenVision: 0.2)."""
-    text_encoder_caption: str = field(default="alt", metadata=cli(choices=TEXT_CHOICES))
-    """Two-caption data (Recap-DataComp: alt-text in KEY.txt, recaption in KEY.json): what the contrastive
-    text tower reads. 'alt': the alt-text (OpenVision's txt_key1='txt'); 'recap-sentence': one random sentence
-    of the recaption (CLIPS' sub-caption sampling); 'alt-or-recap-sentence': either, with equal chance per
-    sample. The caption decoder always reads the full recaption; one-caption data feeds its caption to both."""
+    contrastive_texts: str = "alt"
+    """What the contrastive text tower reads, comma-separated (set from the model's ``contrastive_texts``, which
+    documents the choices); two-caption data (Recap-DataComp: alt-text in KEY.txt, recaption in KEY.json) draws
+    the recaption sentences per sample and epoch. The caption decoder always reads the full recaption; one-caption
+    data feeds its caption to every text."""
     recaption_key: str = field(default=RECAPTION_KEY, metadata=cli())
     """Field of KEY.json that holds the recaption (Recap-DataComp-1B's column, kept by img2dataset's
     --save_additional_columns '["re_caption"]')."""
@@ -120,9 +120,10 @@ class DataConfig:
             raise UsageError("--shuffle-buffer must be >= 0")
         if self.max_image_pixels < 1:
             raise UsageError(f"--max-image-pixels must be >= 1, got {self.max_image_pixels}")
-        if self.text_encoder_caption not in TEXT_CHOICES:
-            raise UsageError(f"--text-encoder-caption {self.text_encoder_caption!r}: choose one of "
-                             f"{', '.join(TEXT_CHOICES)}")
+        bad = [t for t in self.contrastive_texts.split(",") if t.strip() not in CONTRASTIVE_TEXTS]
+        if bad or len(self.contrastive_texts.split(",")) > len(TEXT_KEYS):
+            raise UsageError(f"--contrastive-texts {self.contrastive_texts!r}: give one or two of "
+                             f"{', '.join(CONTRASTIVE_TEXTS)}, comma-separated")
         check_numbers(self)  # the ranges the fields declare (augmentation, data weights), also when built in code
         if self.data_path is None:
             return
@@ -138,7 +139,7 @@ class DataConfig:
         """The held-out stream: one pass in shard order, every sample (partial batches kept), centre crops and the
         alt-text for the text tower, whatever the training's augmentation and caption choice."""
         values = dict(data_path=data_path, epochs=1, drop_last=False, shuffle_buffer=0, data_weights=None,
-                      resample=False, augment=False, text_encoder_caption="alt")
+                      resample=False, augment=False, contrastive_texts="alt")
         values.update(overrides)
         return dataclasses.replace(self, **values)
 
@@ -302,10 +303,12 @@ class ShardStream(IterableDataset):
                 out["labels"] = torch.tensor(int(smp["cls"].decode().strip()))
             except ValueError:
                 out["labels"] = torch.tensor(-1)
-        mode = cfg.text_encoder_caption
-        rng = self._sample_rng(smp, "text") if recap is not None and mode != "alt" else None  # only when drawn
-        text = text_tower_caption(caption, recap, mode, rng)
-        out["text_ids"] = torch.from_numpy(self.tokenizer.encode(text, cfg.text_length))
+        for i, mode in enumerate(t.strip() for t in cfg.contrastive_texts.split(",")):
+            # a generator only when drawn; the first text's is the one single-text runs always had
+            rng = self._sample_rng(smp, "text" if i == 0 else f"text{i + 1}") if recap is not None and mode != "alt" \
+                else None
+            text = text_tower_caption(caption, recap, mode, rng)
+            out[TEXT_KEYS[i]] = torch.from_numpy(self.tokenizer.encode(text, cfg.text_length))
         out["caption_ids"] = torch.from_numpy(self.tokenizer.encode(recap or caption, cfg.caption_length))
         out["noise_seeds"] = torch.tensor(noise_seed(cfg.seed, shard_name(smp["__url__"]), smp["__key__"],
                                                    smp["__epoch__"]))
@@ -409,7 +412,7 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
 def text_tower_caption(caption: str, recap: Optional[str], mode: str, rng: Optional[random.Random]) -> str:
-    """What the contrastive text tower reads (see ``DataConfig.text_encoder_caption``): one-caption samples
+    """What the contrastive text tower reads in one ``mode`` (see ``OV3Config.contrastive_texts``): one-caption samples
     (no recaption) always give their caption."""
     if recap is None or mode == "alt":
         return caption

@@ -62,7 +62,7 @@ def load_source(path: str, progress: bool = True) -> Tuple[dict, Dict[str, torch
     cfg = meta.get("model_config")
     if cfg is None:
         raise UsageError(f"{uni!r} has no model_config in meta.json; re-save it with this version")
-    cfg = OV3Config.from_dict(cfg).to_dict()  # current field names (older checkpoints included)
+    cfg = OV3Config.from_saved(cfg).to_dict()  # current field names and values (older checkpoints included)
     weights = {}
     for k in tqdm(sorted(k for k in handles if "::" not in k), desc="reading", unit="tensor", disable=not progress):
         weights[k] = handles[k].get_tensor(k).float()
@@ -109,6 +109,7 @@ def hf_config(cfg: dict, meta: dict) -> dict:
         "padded_vocab_size": padded_vocab_size(cfg["vocab_size"]), "text_context_length": cfg["text_context_length"],
         "pad_id": cfg["pad_id"], "scaling_factor": vae.get("scaling_factor", 0.3611),
         "shift_factor": vae.get("shift_factor", 0.1159), "logit_scale": meta.get("logit_scale"),
+        "decoder_noise_norm": cfg["decoder_noise_norm"], "decoder_noise_tau": cfg["decoder_noise_tau"],
         "torch_dtype": "float32",
     }
 

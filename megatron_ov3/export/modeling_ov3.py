@@ -29,7 +29,8 @@ class OV3Config(PretrainedConfig):
                  pos_embed_ref_grid=16,
                  pos_embed_type="sincos", final_ln_after_pool=True, layernorm_eps=1e-6, vocab_size=32000,
                  padded_vocab_size=32000,
-                 text_context_length=80, pad_id=0, scaling_factor=0.3611, shift_factor=0.1159, **kwargs):
+                 text_context_length=80, pad_id=0, scaling_factor=0.3611, shift_factor=0.1159,
+                 decoder_noise_norm="none", decoder_noise_tau=0.0, **kwargs):
         self.encoder = encoder or {"width": 64, "depth": 2, "mlp": 256, "heads": 4}
         self.decoder = decoder
         self.text = text
@@ -50,6 +51,9 @@ class OV3Config(PretrainedConfig):
         self.vocab_size, self.padded_vocab_size = vocab_size, padded_vocab_size
         self.text_context_length, self.pad_id = text_context_length, pad_id
         self.scaling_factor, self.shift_factor = scaling_factor, shift_factor
+        # the decoder's input as training saw it: 'layernorm' (parameter-free, RAE's convention) or 'none'; and
+        # the noise scale it trained with (RAE's noise_tau on the same tokens)
+        self.decoder_noise_norm, self.decoder_noise_tau = decoder_noise_norm, decoder_noise_tau
         # conveniences read by LLaVA/RAE-style code
         self.hidden_size = self.encoder["width"]
         self.num_hidden_layers = self.encoder["depth"]
@@ -174,6 +178,14 @@ class TextTower(nn.Module):
         return self.proj(self.final_norm(x[torch.arange(b, device=x.device), idx]))
 
 
+def decoder_input(tokens, c):
+    """Encoder tokens -> the decoder's input as training saw it, before its noise (``decoder_noise_norm``
+    'layernorm': each token normalised without affine parameters, RAE's convention)."""
+    if getattr(c, "decoder_noise_norm", "none") != "layernorm":
+        return tokens
+    return F.layer_norm(tokens.float(), tokens.shape[-1:], eps=c.layernorm_eps).to(tokens.dtype)
+
+
 class LatentDecoderTower(nn.Module):
     def __init__(self, c: OV3Config):
         super().__init__()
@@ -184,9 +196,14 @@ class LatentDecoderTower(nn.Module):
         self.final_norm = nn.LayerNorm(d, eps=c.layernorm_eps)
         self.head = nn.Linear(d, c.latent_patch_size ** 2 * c.latent_channels)
 
-    def forward(self, tokens):
+    def normalise(self, tokens):
+        return decoder_input(tokens, self.c)
+
+    def forward(self, tokens, normalised=False):
+        """Encoder tokens (B, N, W) -> predicted latents; ``normalised``: the tokens already went through
+        :meth:`normalise` (RAE's encoder output, to which RAE adds its noise)."""
         c = self.c
-        x = self.in_proj(tokens)
+        x = self.in_proj(tokens if normalised else self.normalise(tokens))
         g = int(math.isqrt(x.shape[1]))
         x = x + sincos_2d(x.shape[-1], g, c.pos_embed_ref_grid, x.device, x.dtype)[None]
         for layer in self.layers:

@@ -59,8 +59,13 @@ def write_export_files(export: str, hf_state: Dict[str, Any]) -> None:
     if dec:
         torch.save(dec, os.path.join(export, "rae", "decoder.pt"))
     with open(os.path.join(export, "rae", "rae_stage1.yaml"), "w") as f:
+        cfg = json.load(open(os.path.join(export, "config.json")))
         f.write("# RAE settings that follow from this export (paths as exported; re-derive after a move with\n"
-                "# tools/rae_handoff.py config). stat.pt comes from tools/rae_stats.py.\n")
+                "# tools/rae_handoff.py config). stat.pt comes from tools/rae_stats.py.\n"
+                f"# OV3 trained its decoder with noise tau {cfg.get('decoder_noise_tau', 0.0)} on "
+                f"{'LayerNorm-normalised' if cfg.get('decoder_noise_norm') == 'layernorm' else 'raw'} encoder tokens,\n"
+                "# the tokens OV3RAEEncoder returns: to train RAE's decoder as OV3 did, set stage_1.params.noise_tau "
+                "to it.\n")
         yaml.safe_dump(rae_settings(export), f, sort_keys=False)
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from modeling_ov3 import LatentDecoderTower, OV3Config, OV3Model  # noqa: E402
+from modeling_ov3 import LatentDecoderTower, OV3Config, OV3Model, decoder_input  # noqa: E402
 
 try:
     from transformers import AutoConfig, AutoModel
@@ -45,7 +45,9 @@ class OV3RAEEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, images):
-        return self.model(pixel_values=images.float()).last_hidden_state.float()
+        """Patch tokens as OV3's decoder saw them in training (``decoder_noise_norm`` 'layernorm': normalised
+        without affine, as RAE's own encoders end), so RAE's ``noise_tau`` lands on the scale OV3 trained with."""
+        return decoder_input(self.model(pixel_values=images.float()).last_hidden_state.float(), self.model.config)
 
 
 class _Out:
@@ -88,7 +90,7 @@ class OV3RAEDecoder(nn.Module):
         if self.vae is None:
             raise RuntimeError("OV3RAEDecoder has no VAE: build it from an export's config (AutoConfig."
                                "from_pretrained(export)) or with OV3RAEDecoder.from_export(export)")
-        z = self.decoder(tokens.float())
+        z = self.decoder(tokens.float(), normalised=True)  # OV3RAEEncoder's tokens
         c = self.config
         vae = self.vae.to(z.device)
         x = vae.decode((z / c.scaling_factor + c.shift_factor).to(vae.dtype)).sample.float()

@@ -53,7 +53,7 @@ def count_parameters(cfg: OV3Config) -> Dict[str, int]:
         "text": vocab * t.width + cfg.text_context_length * t.width + stack_params(t) + 2 * t.width
         + t.width * cfg.embed_dim,
         "caption": e.width * c.width + c.width + vocab * c.width + cfg.caption_length * c.width + stack_params(c)
-        + 2 * c.width + c.width * vocab,
+        + 2 * c.width + c.width * vocab + (t.width * c.width + c.width if cfg.caption_prefix == "alt" else 0),
         "logit_scale": 1,
     }
     counts["total"] = sum(counts.values())
@@ -73,13 +73,15 @@ def model_flops_per_sample(cfg: OV3Config, image_size: int) -> dict:
     p2c = cfg.patch_size ** 2 * cfg.latent_channels
     e, d, t, c = cfg.encoder, cfg.decoder, cfg.text, cfg.caption
     vocab = padded_vocab_size(cfg.vocab_size)
+    alt = cfg.text_context_length if cfg.caption_prefix == "alt" else 0  # the alt-text's tokens in the prefix
     fwd = {
         "encoder": tower_forward_flops(e, s_enc) + 2 * n * p2c * e.width + 2 * e.width * cfg.embed_dim,
         "decoder": tower_forward_flops(d, n) + 2 * n * (e.width * d.width + d.width * p2c),
         "text": tower_forward_flops(t, cfg.text_context_length) + 2 * t.width * cfg.embed_dim,
-        "caption": tower_forward_flops(c, n + cfg.caption_length) + 2 * n * e.width * c.width
-        + 2 * cfg.caption_length * c.width * vocab,
+        "caption": tower_forward_flops(c, n + alt + cfg.caption_length) + 2 * n * e.width * c.width
+        + 2 * alt * t.width * c.width + 2 * cfg.caption_length * c.width * vocab,
     }
+    fwd["text"] *= len(cfg.contrastive_texts_list)
     return {k: 3.0 * v for k, v in fwd.items()}
 
 

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from ..errors import UsageError
+from ..losses import CONTRASTIVE_TEXTS
 from ..options import cli
 
 
@@ -61,6 +62,10 @@ class TowerConfig:
     @property
     def head_dim(self) -> int:
         return self.width // self.heads
+
+
+NOISE_NORMS = ("layernorm", "none")
+CAPTION_PREFIXES = ("image", "alt")
 
 
 @dataclass
@@ -115,6 +120,11 @@ class OV3Config:
     decoder_noise_tau: float = field(default=0.8, metadata=cli(low=0))
     """Training-time noise on encoder tokens before the decoder: sigma ~ U[0, tau] per sample (RAE uses
     0.8; the paper does not publish its value). No noise in eval mode."""
+    decoder_noise_norm: str = field(default="layernorm", metadata=cli(choices=NOISE_NORMS))
+    """What the decoder (and its noise) sees of the encoder tokens: 'layernorm', a parameter-free LayerNorm of
+    each token first (RAE's convention: its encoders end in a LayerNorm without affine, so tau is read against
+    unit-RMS tokens), or 'none', the raw last-block tokens (the noise scale then follows whatever RMS the encoder
+    learns, logged as ``encoder_token_rms``; checkpoints written before this option trained so)."""
 
     # --- text ---
     vocab_size: int = 32000
@@ -123,6 +133,14 @@ class OV3Config:
     """Token length of the text-encoder input (OpenVision: 80)."""
     caption_length: int = 128
     """Token length of the caption-decoder input (OpenVision: 128)."""
+    contrastive_texts: str = field(default="alt", metadata=cli())
+    """The texts each image is scored against, comma-separated, one text-tower pass and one contrastive loss each
+    (averaged): 'alt' (the alt-text), 'recap-sentence' (one random sentence of the recaption, CLIPS' sub-caption),
+    'alt-or-recap-sentence' (either, per sample). OpenVision scores both: 'alt,recap-sentence'. One-caption data
+    feeds its caption to every text."""
+    caption_prefix: str = field(default="image", metadata=cli(choices=CAPTION_PREFIXES))
+    """What the caption decoder conditions on: 'image' (the encoder tokens) or 'alt' (the encoder tokens, then the
+    text encoder's tokens of the alt-text, the first of ``contrastive_texts``; OpenVision's decoder)."""
     pad_id: int = 0
     """Token id used for padding; padded caption positions carry no loss, text pooling ignores them."""
 
@@ -174,6 +192,17 @@ class OV3Config:
                  f"position_embedding_type must be 'sincos' or 'learned', got {self.position_embedding_type!r}")
         _require(self.pos_embed_ref_grid > 0, f"pos_embed_ref_grid must be positive, got {self.pos_embed_ref_grid}")
         _require(self.decoder_noise_tau >= 0, f"decoder_noise_tau must be >= 0, got {self.decoder_noise_tau}")
+        _require(self.decoder_noise_norm in NOISE_NORMS,
+                 f"decoder_noise_norm {self.decoder_noise_norm!r} unknown; use one of {', '.join(NOISE_NORMS)}")
+        texts = self.contrastive_texts_list
+        _require(0 < len(texts) <= 2 and all(t in CONTRASTIVE_TEXTS for t in texts) and len(set(texts)) == len(texts),
+                 f"--contrastive-texts {self.contrastive_texts!r}: give one or two different texts of "
+                 f"{', '.join(CONTRASTIVE_TEXTS)}, comma-separated (e.g. alt,recap-sentence)")
+        _require(self.caption_prefix in CAPTION_PREFIXES,
+                 f"caption_prefix {self.caption_prefix!r} unknown; use one of {', '.join(CAPTION_PREFIXES)}")
+        _require(self.caption_prefix != "alt" or texts[0] == "alt",
+                 f"--caption-prefix alt conditions on the alt-text's text-tower pass, but --contrastive-texts "
+                 f"{self.contrastive_texts!r} does not start with alt; e.g. --contrastive-texts alt,recap-sentence")
         _require(self.vocab_size > 1, f"vocab_size must be > 1, got {self.vocab_size}")
         _require(self.text_context_length > 1, "text_context_length must be > 1")
         _require(self.caption_length > 1, "caption_length must be > 1")
@@ -191,6 +220,10 @@ class OV3Config:
         _require(self.logit_scale_max >= self.logit_scale_init, "logit_scale_max must be >= logit_scale_init")
 
     # --- derived ---
+    @property
+    def contrastive_texts_list(self) -> list:
+        return [t.strip() for t in self.contrastive_texts.split(",")]
+
     @property
     def grid_size(self) -> int:
         """Token grid side at ``image_size``."""
@@ -224,6 +257,11 @@ class OV3Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_saved(cls, d: dict) -> "OV3Config":
+        """The config a checkpoint or export saved (complete; older ones included, see :func:`saved_config`)."""
+        return cls.from_dict(saved_config(d))
 
     @classmethod
     def from_dict(cls, d: dict) -> "OV3Config":
@@ -287,12 +325,26 @@ LEGACY_NAMES = {"pos_embed_type": "position_embedding_type"}
 """Model-config field names before 2026-12 -> today's (checkpoints written then keep loading)."""
 
 
+LEGACY_VALUES = {"decoder_noise_norm": "none"}
+"""Fields added after 2026-12-07 -> the value runs saved before then trained with (a complete saved config that
+lacks one is read with this, not today's default)."""
+
+
 def current_names(d: dict) -> dict:
     """A copy of a (possibly partial) saved model-config dict with today's field names."""
     d = dict(d)
     for old, new in LEGACY_NAMES.items():
         if old in d:
             d.setdefault(new, d.pop(old))
+    return d
+
+
+def saved_config(d: dict) -> dict:
+    """A complete model config as a checkpoint or export saved it, in today's names and with the values of
+    fields it predates (:data:`LEGACY_VALUES`)."""
+    d = current_names(d)
+    for name, value in LEGACY_VALUES.items():
+        d.setdefault(name, value)
     return d
 
 

@@ -1,6 +1,7 @@
 """ViT decoder of the reconstruction branch: (noised) encoder tokens -> predicted VAE latents.
 
-tokens (B, N, W_enc) --+ sigma*eps (train only, sigma ~ U[0, tau] per sample) --> Linear -> + sincos-2d
+tokens (B, N, W_enc) --(parameter-free LayerNorm, ``decoder_noise_norm`` 'layernorm')--+ sigma*eps (train only,
+sigma ~ U[0, tau] per sample) --> Linear -> + sincos-2d
 --> TransformerBlock (bidirectional) --> LayerNorm --> Linear(W_dec -> p*p*C) --> unpatchify (B, C, H/8, W/8)
 """
 from __future__ import annotations
@@ -9,6 +10,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import LayerImplConfig, OV3Config
@@ -37,6 +39,14 @@ def per_sample_noise(x: torch.Tensor, tau: float, seeds: Optional[torch.Tensor] 
             eps.append(torch.randn(x.shape[1:], generator=g, device=x.device))
         sigma, eps = torch.cat(sig), torch.stack(eps)
     return x + (sigma.view(b, *([1] * (x.dim() - 1))) * eps).to(x.dtype)
+
+
+def decoder_input(tokens: torch.Tensor, cfg: OV3Config) -> torch.Tensor:
+    """The encoder tokens as the decoder and its noise see them: each token normalised to zero mean and unit
+    variance without affine parameters (``decoder_noise_norm`` 'layernorm', RAE's convention), or unchanged."""
+    if cfg.decoder_noise_norm != "layernorm":
+        return tokens
+    return F.layer_norm(tokens.float(), tokens.shape[-1:], eps=cfg.layernorm_eps).to(tokens.dtype)
 
 
 def unpatchify(x: torch.Tensor, patch: int, channels: int) -> torch.Tensor:
@@ -72,6 +82,7 @@ class LatentDecoder(nn.Module):
     def forward(self, tokens: torch.Tensor, noise_seeds: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, N, W_enc) patch tokens -> (B, C, H/8, W/8) predicted normalised latents."""
         cfg = self.cfg
+        tokens = decoder_input(tokens, cfg)
         if self.training and cfg.decoder_noise_tau > 0:
             tokens = per_sample_noise(tokens, cfg.decoder_noise_tau, noise_seeds)
         x = self.in_proj(tokens)

@@ -22,7 +22,7 @@ import torch
 from megatron.core.enums import ModelType
 from torch import nn
 
-from ..losses import contrastive_loss, l1
+from ..losses import TEXT_KEYS, EmbeddingPool, l1, pooled_contrastive_loss
 from .config import LayerImplConfig, OV3Config, pixel_loss_samples
 from .decoder import LatentDecoder
 from .encoder import EncoderOutput, LatentViTEncoder
@@ -176,17 +176,37 @@ class OV3Model(nn.Module):
                 return self.vae.decode(z[:k])
         return images[:k]
 
-    def contrastive_losses(self, enc: EncoderOutput, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """Text tower + CLIP contrastive loss (gathered over the data-parallel group)."""
+    def text_embeddings(self, batch: Dict[str, torch.Tensor]):
+        """(embeddings, token states) of each contrastive text (:data:`~megatron_ov3.losses.TEXT_KEYS`)."""
+        return [self.text.forward_with_tokens(batch[k]) for k in TEXT_KEYS if k in batch]
+
+    def pool_embeddings(self, enc: EncoderOutput, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """What an :class:`~megatron_ov3.losses.EmbeddingPool` holds of one micro-batch (computed without
+        gradients before the accumulation window): the image embedding and each text's."""
+        texts = self.text_embeddings(batch)
+        return {"image": enc.embedding.detach(), **{f"text{i}": e.detach() for i, (e, _) in enumerate(texts)}}
+
+    def contrastive_losses(self, enc: EncoderOutput, batch: Dict[str, torch.Tensor], texts=None
+                           ) -> Dict[str, torch.Tensor]:
+        """Text tower + CLIP contrastive loss (gathered over the data-parallel group; over the accumulation window
+        too when the batch carries its ``contrastive_pool``; averaged over the contrastive texts)."""
         scale = self.current_logit_scale()
-        text_emb = self.text(batch["text_ids"])
-        con, acc_i2t, acc_t2i = contrastive_loss(enc.embedding, text_emb, scale, self._dp_group_fn())
+        texts = texts if texts is not None else self.text_embeddings(batch)
+        pool: Optional[EmbeddingPool] = batch.get("contrastive_pool")
+        con, acc_i2t, acc_t2i = pooled_contrastive_loss(enc.embedding, [e for e, _ in texts], scale, pool,
+                                                        self._dp_group_fn())
         return {"contrastive_loss": con, "contrastive_acc_i2t": acc_i2t, "contrastive_acc_t2i": acc_t2i,
                 "logit_scale": scale.detach()}
 
-    def caption_losses(self, enc: EncoderOutput, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """Caption decoder (prefix fusion over the encoder tokens) cross-entropy."""
-        cap, ntok = self.caption(enc.tokens, batch["caption_ids"])
+    def caption_losses(self, enc: EncoderOutput, batch: Dict[str, torch.Tensor], texts=None
+                       ) -> Dict[str, torch.Tensor]:
+        """Caption decoder (prefix fusion over the encoder tokens, and the alt-text's text-encoder tokens with
+        ``caption_prefix`` 'alt') cross-entropy."""
+        prefix = None
+        if self.cfg.caption_prefix == "alt":
+            texts = texts if texts is not None else self.text_embeddings(batch)
+            prefix = texts[0][1]  # the first contrastive text is the alt-text (the job's rule)
+        cap, ntok = self.caption(enc.tokens, batch["caption_ids"], text_tokens=prefix)
         return {"caption_loss": cap, "caption_tokens": ntok.detach()}
 
     def total_loss(self, out: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -198,25 +218,33 @@ class OV3Model(nn.Module):
         """Named losses and metrics for one micro-batch.
 
         ``batch``: ``images`` (B,3,H,W) in [-1,1] and/or ``latents`` (B,16,H/8,W/8); ``text_ids`` (B,80);
-        ``caption_ids`` (B,128); optional ``noise_seeds`` (B,) int64 for split-invariant decoder noise.
+        ``caption_ids`` (B,128); optional ``noise_seeds`` (B,) int64 for split-invariant decoder noise,
+        ``text_ids_2`` (a second contrastive text), ``contrastive_pool`` (an
+        :class:`~megatron_ov3.losses.EmbeddingPool`: the loss spans the accumulation window) and ``pool_only``
+        (True: return only what the pool holds of this batch, plus the ``latents`` it encoded).
         Returns ``total_loss``, each loss by name (see ``LOSS_NAMES``) and metrics (``contrastive_acc_i2t``,
         ``contrastive_acc_t2i``, ``logit_scale``, ``caption_tokens``, ``encoder_token_rms``: the RMS of the
         encoder's output tokens, the scale the decoder noise sigma ~ U[0, tau] is to be read against). With
         ``freeze_encoder`` only the reconstruction losses.
         """
+        pool_only = bool(batch.get("pool_only"))
         # under pipeline parallelism the first stage needs z as input and the last as reconstruction target
-        z = self.latents_of(batch) if (self.pre_process or self.post_process) else None
+        z = self.latents_of(batch) if (self.pre_process or (self.post_process and not pool_only)) else None
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.freeze_encoder):
             enc = self.encoder(z if self.pre_process else None)
         if not self.post_process:
             return enc  # [s, b, h] activations for the next pipeline stage
+        if pool_only:
+            out = self.pool_embeddings(enc, batch)
+            return dict(out, latents=z.detach()) if z is not None else out
         out = self.reconstruction_losses(enc.tokens, z, batch)
         out["encoder_token_rms"] = enc.tokens.detach().float().pow(2).mean().sqrt()  # the noise sigma's reference
         if self.cfg.freeze_encoder:
             out["total_loss"] = self.cfg.reconstruction_weight * out.pop("reconstruction_loss")
             return out
-        out.update(self.contrastive_losses(enc, batch))
-        out.update(self.caption_losses(enc, batch))
+        texts = self.text_embeddings(batch)
+        out.update(self.contrastive_losses(enc, batch, texts))
+        out.update(self.caption_losses(enc, batch, texts))
         total = self.total_loss(out)
         del out["reconstruction_loss"]
         return {"total_loss": total, **out}

@@ -62,6 +62,11 @@ class TextEncoder(nn.Module):
 
     def forward(self, text_ids: torch.Tensor) -> torch.Tensor:
         """(B, L) token ids, L <= text_context_length -> (B, E) text embedding (not L2-normalised)."""
+        return self.forward_with_tokens(text_ids)[0]
+
+    def forward_with_tokens(self, text_ids: torch.Tensor):
+        """(embedding (B, E), the block's output tokens (B, L, W_text)): the tokens are what the caption decoder
+        reads as its alt-text prefix (``caption_prefix`` 'alt')."""
         b, length = text_ids.shape
         if length > self.cfg.text_context_length:
             raise ValueError(f"text has {length} tokens, more than text_context_length={self.cfg.text_context_length}")
@@ -71,7 +76,7 @@ class TextEncoder(nn.Module):
         # index of the last non-pad token (0 for an all-pad row)
         idx = (nonpad * torch.arange(1, length + 1, device=text_ids.device)).argmax(dim=1)
         pooled = x[torch.arange(b, device=x.device), idx]
-        return self.proj(self.final_norm(pooled))
+        return self.proj(self.final_norm(pooled)), x
 
 
 class CaptionDecoder(nn.Module):
@@ -85,6 +90,7 @@ class CaptionDecoder(nn.Module):
         tp = self.block.config.tensor_model_parallel_size
         vocab = _check_vocab(cfg, tp)
         self.image_proj = nn.Linear(cfg.encoder.width, t.width)
+        self.text_proj = nn.Linear(cfg.text.width, t.width) if cfg.caption_prefix == "alt" else None
         self.token_embedding = VocabParallelEmbedding(
             vocab, t.width, init_method=_init_normal(0.02), config=self.block.config
         )
@@ -95,17 +101,24 @@ class CaptionDecoder(nn.Module):
             gather_output=False,
         )
 
-    def forward(self, image_tokens: torch.Tensor, caption_ids: torch.Tensor):
+    def forward(self, image_tokens: torch.Tensor, caption_ids: torch.Tensor, text_tokens=None):
         """Teacher-forced captioning. Returns ``(loss, num_target_tokens)``: mean cross-entropy over the
-        caption's non-pad tokens. The last image position predicts caption token 0, caption position j
-        predicts token j+1; the last caption position predicts nothing."""
-        b, n, _ = image_tokens.shape
+        caption's non-pad tokens. The prefix is the projected image tokens, then (``caption_prefix`` 'alt') the
+        projected text-encoder tokens ``text_tokens`` (B, L_text, W_text) of the alt-text; the last prefix
+        position predicts caption token 0, caption position j predicts token j+1; the last caption position
+        predicts nothing."""
         length = caption_ids.shape[1]
         if length > self.cfg.caption_length:
             raise ValueError(f"caption has {length} tokens, more than caption_length={self.cfg.caption_length}")
-        img = self.image_proj(image_tokens)
+        if (text_tokens is None) != (self.text_proj is None):
+            raise ValueError(f"caption_prefix {self.cfg.caption_prefix!r} and the text tokens given disagree")
+        prefix = [self.image_proj(image_tokens)]
+        if text_tokens is not None:
+            prefix.append(self.text_proj(text_tokens).to(prefix[0].dtype))
+        prefix = torch.cat(prefix, dim=1) if len(prefix) > 1 else prefix[0]
+        n = prefix.shape[1]
         txt = self.token_embedding(caption_ids) + self.pos_embedding[:length]
-        x = run_block(self.block, torch.cat([img, txt.to(img.dtype)], dim=1))
+        x = run_block(self.block, torch.cat([prefix, txt.to(prefix.dtype)], dim=1))
         x = self.final_norm(x[:, n - 1 : n - 1 + length])  # positions that predict caption tokens 0..L-1
         logits, _ = self.lm_head(x.transpose(0, 1).contiguous())  # [L, B, V/tp]
         target = caption_ids.transpose(0, 1).contiguous()

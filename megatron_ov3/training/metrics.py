@@ -40,6 +40,7 @@ class ConsoleSink:
         gn = float("nan") if r["grad_norm"] is None else r["grad_norm"]
         acc = f" | acc i2t {r['contrastive_acc_i2t']:.3f}" if "contrastive_acc_i2t" in r else ""
         rms = f" | token rms {r['encoder_token_rms']:.3f}" if "encoder_token_rms" in r else ""
+        rms += f" | pool pass {r['contrastive_pool_share']:.0%}" if "contrastive_pool_share" in r else ""
         print(f"iteration {r['iteration']:6d}/{self.total} | {losses}{acc}{rms}"
               f" | lr {r['lr']:.3e} | grad norm {gn:.3f} | samples/s {r['samples_per_s']:.1f} | "
               f"TFLOP/s/device {r['tflops_per_device']:.4f} | mem {r['memory_mb']:.0f} MB | "

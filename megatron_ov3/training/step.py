@@ -8,10 +8,13 @@ the host (``tests/unit/test_host_syncs.py`` counts them).
 """
 from __future__ import annotations
 
+import time
 from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+
+from ..losses import EmbeddingPool
 
 Metrics = Dict[str, torch.Tensor]
 
@@ -21,7 +24,64 @@ the device would cost a host synchronisation to read back."""
 
 
 def to_device(batch: Dict[str, torch.Tensor], device) -> Dict[str, torch.Tensor]:
-    return {k: v if k in HOST_KEYS else v.to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: v if k in HOST_KEYS or not torch.is_tensor(v) else v.to(device, non_blocking=True)
+            for k, v in batch.items()}
+
+
+class Stopwatch:
+    """Seconds spent in a region of the step, without a host synchronisation per use: CUDA events on a GPU (read
+    at the log interval, when the step has synchronised anyway), the wall clock elsewhere."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.spans: list = []
+        self.seconds = 0.0
+
+    def __enter__(self):
+        if self.cuda:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.spans.append((self._start, end))
+        else:
+            self.seconds += time.perf_counter() - self._start
+
+    def read(self) -> float:
+        """Seconds since the last read."""
+        if self.spans:
+            self.spans[-1][1].synchronize()
+            self.seconds += sum(a.elapsed_time(b) for a, b in self.spans) / 1000.0
+            self.spans = []
+        out, self.seconds = self.seconds, 0.0
+        return out
+
+
+def pool_slot(engine, batch, device) -> Dict[str, torch.Tensor]:
+    """One micro-batch's share of the contrastive pool (and the latents it encoded), without gradients."""
+    with torch.no_grad():
+        return engine(dict(to_device(batch, device), pool_only=True))
+
+
+def make_pool(slots: List[Dict[str, torch.Tensor]]) -> EmbeddingPool:
+    """The :class:`~megatron_ov3.losses.EmbeddingPool` of a window's slots (:func:`pool_slot`), in order."""
+    texts = sorted(k for k in slots[0] if k.startswith("text"))
+    return EmbeddingPool(torch.cat([s["image"] for s in slots]), [torch.cat([s[k] for s in slots]) for k in texts],
+                         rows=slots[0]["image"].shape[0])
+
+
+def with_pool(batch, slot: Dict[str, torch.Tensor], pool: EmbeddingPool, index: int):
+    """A micro-batch that reads the pool at ``index`` and reuses the latents its pool pass encoded."""
+    out = dict(batch, contrastive_pool=pool.at(index))
+    if slot.get("latents") is not None and batch.get("latents") is None:
+        out["latents"] = slot["latents"]
+    return out
 
 
 def agree(loss: torch.Tensor, stop_requested: bool) -> Tuple[bool, bool]:
@@ -57,16 +117,43 @@ def micro_step(engine, batch, device, own_grad_norm: bool, stop_requested: bool 
     return detached(out), norm, stop
 
 
-def pipeline_step(engine, data, device, plan, stop_requested: bool = False
+def pipeline_pool(model, batches, device, plan) -> Optional[EmbeddingPool]:
+    """The contrastive pool of a window under pipeline parallelism: megatron-core's schedule forward-only and
+    without gradients over the window's micro-batches (the encoder's activations cross the stages as in training);
+    the last stage, which computes the loss, gets the pool (the others None)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    def forward_step(data_iterator, module):
+        out = module(dict(to_device(next(data_iterator), device), pool_only=True))
+        if not module.post_process:
+            return out, None
+        return torch.zeros((), device=device), lambda t: (t, out)
+
+    with torch.no_grad():
+        slots = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
+            num_microbatches=plan.grad_accum, seq_length=model.cfg.seq_length,
+            micro_batch_size=plan.micro_batch_size, forward_only=True)
+    return make_pool(slots) if ps.is_pipeline_last_stage(ignore_virtual=True) else None
+
+
+def pipeline_step(engine, data, device, plan, stop_requested: bool = False, pool_watch: Optional[Stopwatch] = None
                   ) -> Tuple[List[Dict[str, float]], bool, bool]:
     """One iteration under pipeline parallelism: megatron-core's 1F1B schedule runs forward and backward of all
     ``grad_accum`` micro-batches over the stages; then DeepSpeed reduces the gradients over the data-parallel
-    group and its (ZeRO-1) optimizer steps. Returns (per-micro-batch metrics on every rank, all finite, some
+    group and its (ZeRO-1) optimizer steps. With ``pool_watch`` the contrastive loss spans the window
+    (:func:`pipeline_pool` first, timed by it). Returns (per-micro-batch metrics on every rank, all finite, some
     rank asked to stop). The metrics cross the pipeline as Python floats, one broadcast per iteration."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     model = engine.module
+    if pool_watch is not None:
+        batches = [next(data) for _ in range(plan.grad_accum)]
+        with pool_watch:
+            pool = pipeline_pool(model, batches, device, plan)
+        data = iter([b if pool is None else dict(b, contrastive_pool=pool.at(j)) for j, b in enumerate(batches)])
 
     def forward_step(data_iterator, module):
         out = module(to_device(next(data_iterator), device))

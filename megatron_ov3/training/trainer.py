@@ -130,6 +130,10 @@ class Trainer:
         self._grad_norm: Optional[torch.Tensor] = None
         self._flops = None
         self.latent_input = False
+        cfg = self.model.cfg
+        pooled = (job.train.contrastive_global_batch and plan.grad_accum > 1 and not cfg.freeze_encoder
+                  and cfg.contrastive_weight > 0)
+        self.pool_watch = steps.Stopwatch(self.device) if pooled else None  # the pool pass's time, when there is one
         self.metrics = sinks_for(job.logging, self.total_iters, job.to_dict(), dist.get_rank())
 
     # ---------------------------------------------------------------- start
@@ -207,22 +211,13 @@ class Trainer:
         self.stop_requested = False
         if self.pipelined:
             outs, finite, self.stop_requested = steps.pipeline_step(self.engine, self.data, self.device, self.plan,
-                                                                    signaled)
+                                                                    signaled, self.pool_watch)
             if not finite:
                 self._skipped(", step skipped")
                 self.state.consumed_samples += self.plan.global_batch_size
                 return False
         else:
-            outs = []
-            while len(outs) < self.plan.grad_accum:  # a non-finite micro-batch is replaced by the next one
-                batch = next(self.data)
-                out, norm, stop = steps.micro_step(self.engine, batch, self.device, self.own_grad_norm, signaled)
-                self.stop_requested |= stop
-                if out is None:
-                    self._skipped(" on some rank, micro-batch skipped")
-                    continue
-                self._grad_norm = norm if norm is not None else self._grad_norm
-                outs.append(out)
+            outs = self._accumulate(signaled)
         self.state.bad_streak = 0
         for out in outs:  # device tensors (plain path) or floats (pipelined): summed where they are
             for k, v in out.items():
@@ -232,6 +227,36 @@ class Trainer:
         self.state.consumed_samples += self.plan.global_batch_size
         self._samples += self.plan.global_batch_size
         return True
+
+    def _accumulate(self, signaled: bool) -> List[steps.Metrics]:
+        """The plain engine's micro-batches of one iteration. With a contrastive pool the window's micro-batches
+        are read first and their embeddings computed without gradients (timed), so each micro-batch's contrastive
+        loss spans the global batch. A non-finite micro-batch is replaced by the next one (its pool slot too; the
+        micro-batches before it saw the old slot, so that step is not exactly the global-batch gradient)."""
+        a, pooled = self.plan.grad_accum, self.pool_watch is not None
+        batches = [next(self.data) for _ in range(a)] if pooled else []
+        slots, pool = [], None
+        if pooled:
+            with self.pool_watch:
+                slots = [steps.pool_slot(self.engine, b, self.device) for b in batches]
+                pool = steps.make_pool(slots)
+        outs = []
+        while len(outs) < a:
+            j = len(outs)
+            batch = steps.with_pool(batches[j], slots[j], pool, j) if pooled else next(self.data)
+            out, norm, stop = steps.micro_step(self.engine, batch, self.device, self.own_grad_norm, signaled)
+            self.stop_requested |= stop
+            if out is None:
+                self._skipped(" on some rank, micro-batch skipped")
+                if pooled:
+                    batches[j] = next(self.data)
+                    with self.pool_watch:
+                        slots[j] = steps.pool_slot(self.engine, batches[j], self.device)
+                        pool = pool.replaced(j, slots[j])
+                continue
+            self._grad_norm = norm if norm is not None else self._grad_norm
+            outs.append(out)
+        return outs
 
     # ---------------------------------------------------------------- logging
     def log_metrics(self) -> None:
@@ -252,12 +277,15 @@ class Trainer:
         gn = self._grad_norm if gn is None else gn
         mem_max = torch.tensor([memory_mb(self.device)], device=self.device)
         dist.all_reduce(mem_max, op=dist.ReduceOp.MAX)  # the most loaded rank (e.g. the last pipeline stage)
+        pool_s = self.pool_watch.read() if self.pool_watch is not None else None
         record = {"iteration": self.state.iteration, **{k: float(vec[i] / vec[-1]) for i, k in enumerate(keys)},
                   "lr": self.engine.lr_scheduler.get_last_lr()[0], "grad_norm": None if gn is None else float(gn),
                   "samples_per_s": sps, "tflops_per_device": self._flops["total"] * sps / self.world / 1e12,
                   "step_time_s": dt * self.plan.global_batch_size / self._samples,
                   "memory_mb": memory_mb(self.device), "memory_mb_max_rank": float(mem_max),
                   "bad_samples": _bad_counts_over_dp(self.data, self.device), "skipped_steps": self.state.skipped_steps}
+        if pool_s is not None:  # the extra no-grad forward of the towers the global-batch contrastive loss costs
+            record["contrastive_pool_share"] = pool_s / dt
         self.metrics.write(record)
         self._sums, self._n, self._samples, self._t = {}, 0, 0, time.time()
 

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from dist_utils import free_port, run_distributed
+from helpers import window_batch, window_step
 
 pytestmark = pytest.mark.distributed
 
@@ -48,6 +49,48 @@ def _worker(rank, world, outdir):
     sg /= world
     torch.save({"loss": mean_loss, "img": img.grad / world, "txt": txt.grad / world, "scale": sg},
                f"{outdir}/rank{rank}.pt")
+
+
+def _window_worker(rank, world, outdir):
+    """Data-parallel rank ``rank`` of 2: its 4 samples of the 8 as 2 micro-batches of 2, with the pool."""
+    import torch.distributed as dist
+
+    from helpers import split
+    from megatron_ov3 import parallel
+
+    parallel.initialize_model_parallel(1, 1, seed=0)
+    model = window_model()
+    losses = window_step(model, split(split(window_batch(), world)[rank], 2))
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    losses = torch.stack(losses)  # this rank's rows against all: the data-parallel mean is the global loss
+    for g in list(grads.values()) + [losses]:  # DeepSpeed's data-parallel averaging
+        dist.all_reduce(g)
+        g /= world
+    torch.save({"losses": losses, "grads": grads}, f"{outdir}/rank{rank}.pt")
+
+
+def window_model():
+    from helpers import tiny_model
+
+    model = tiny_model(image_size=32, caption_weight=0.0)
+    model.train()
+    return model
+
+
+def test_accumulated_window_over_two_ranks_equals_one_pass(tmp_path, mp1):
+    """DP 2 x micro 2 x accumulation 2 == one process x micro 8 x accumulation 1: the contrastive loss (every rank,
+    every micro-batch) and every averaged gradient (issue 29)."""
+
+    run_distributed(_window_worker, WORLD, free_port(), str(tmp_path), timeout=180)
+    model = window_model()
+    (ref,) = window_step(model, [window_batch()])
+    ref_grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    for r in range(WORLD):
+        got = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        torch.testing.assert_close(got["losses"], ref.expand(2), atol=1e-6, rtol=0)
+        assert got["grads"].keys() == ref_grads.keys()
+        for name, g in ref_grads.items():
+            torch.testing.assert_close(got["grads"][name], g, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
 def _tp_heads_worker(rank, world):

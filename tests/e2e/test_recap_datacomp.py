@@ -141,7 +141,7 @@ def test_the_right_text_reaches_each_tower(recap, mode):
     spec, tok, rows = recap
     t = Tokenizer(tok)
     by_caption = {tuple(t.encode(r["re_caption"], 128).tolist()): r for r in rows}
-    got = _samples(spec, tok, text_encoder_caption=mode)
+    got = _samples(spec, tok, contrastive_texts=mode)
     assert len(got) == ROWS - 1
     kinds = Counter()
     for text, caption in got.values():
@@ -159,9 +159,25 @@ def test_the_right_text_reaches_each_tower(recap, mode):
         assert kinds["alt"] >= 4 and kinds["sentence"] >= 4
 
 
+def test_two_contrastive_texts_are_the_alt_text_and_a_recaption_sentence(recap):
+    """--contrastive-texts alt,recap-sentence (OpenVision's two texts): text_ids is the alt-text, text_ids_2 one
+    sentence of the recaption; the first text is drawn as in a one-text run (the same stream)."""
+    spec, tok, rows = recap
+    t = Tokenizer(tok)
+    by_alt = {tuple(t.encode(r["org_caption"], 80).tolist()): r for r in rows}
+    n = 0
+    for b in DataIterator(_cfg(spec, tok, contrastive_texts="alt,recap-sentence"), 0, 1):
+        for alt, second in zip(b["text_ids"], b["text_ids_2"]):
+            row = by_alt[tuple(alt.tolist())]
+            assert tuple(second.tolist()) in {tuple(t.encode(x, 80).tolist()) for x in sentences(row["re_caption"])}
+            n += 1
+    assert n == ROWS - 1
+    assert _samples(spec, tok, contrastive_texts="alt,recap-sentence") == _samples(spec, tok)
+
+
 def test_two_caption_stream_resumes_exactly_and_splits_over_ranks(recap):
     spec, tok, _ = recap
-    kw = dict(text_encoder_caption="alt-or-recap-sentence", num_workers=2, epochs=None, drop_last=True)
+    kw = dict(contrastive_texts="alt-or-recap-sentence", num_workers=2, epochs=None, drop_last=True)
     ref = DataIterator(_cfg(spec, tok, **kw), 0, 1)
     stream = [next(ref) for _ in range(9)]
     first = DataIterator(_cfg(spec, tok, **kw), 0, 1)
@@ -171,8 +187,8 @@ def test_two_caption_stream_resumes_exactly_and_splits_over_ranks(recap):
     for want in stream[4:]:
         got = next(resumed)
         assert all(torch.equal(got[k], want[k]) for k in want)
-    one = _samples(spec, tok, text_encoder_caption="alt-or-recap-sentence")
-    two = _samples(spec, tok, ranks=2, text_encoder_caption="alt-or-recap-sentence")
+    one = _samples(spec, tok, contrastive_texts="alt-or-recap-sentence")
+    two = _samples(spec, tok, ranks=2, contrastive_texts="alt-or-recap-sentence")
     assert one == two  # same samples, each once, each with the same text whichever rank reads it
 
 
@@ -182,16 +198,18 @@ def test_one_caption_data_feeds_its_caption_to_both_towers(tmp_path, recap):
 
     write_synthetic_shards(str(tmp_path), 8, samples_per_shard=4, image_size=32, seed=0)
     for b in DataIterator(_cfg(str(tmp_path / "synthetic-{00000..00001}.tar"), tok,
-                               text_encoder_caption="recap-sentence"), 0, 1):
+                               contrastive_texts="recap-sentence"), 0, 1):
         assert ((b["caption_ids"] != 0).sum(1) < 80).all()  # short captions: the same ids in both lengths
         assert torch.equal(b["text_ids"], b["caption_ids"][:, :80])
 
 
 def test_training_runs_on_the_img2dataset_shards(recap, tmp_path):
+    """The recipes' text side (two contrastive texts, the alt-text prefix) trained with accumulation on real shards."""
     spec, tok, _ = recap
     r = run_inprocess("-m", "megatron_ov3.pretrain", "--data-path", spec, "--tokenizer", tok, "--tiny-vae",
-                      "--image-size", "32", "--micro-batch-size", "4", "--global-batch-size", "4", "--train-iters", "2",
-                      "--log-interval", "1", "--num-workers", "1", "--text-encoder-caption", "alt-or-recap-sentence",
-                      "--save", tmp_path / "ck")
+                      "--image-size", "32", "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "2",
+                      "--log-interval", "1", "--num-workers", "1", "--contrastive-texts", "alt,recap-sentence",
+                      "--caption-prefix", "alt", "--save", tmp_path / "ck")
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "pool pass" in r.stdout  # the recipe's text side with accumulation: the pool holds both texts
     assert re.search(r"iteration +2/2 ", r.stdout) and (tmp_path / "ck" / "latest").read_text() == "iter_0000002"

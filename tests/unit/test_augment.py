@@ -160,14 +160,14 @@ def test_evaluation_and_no_augment_use_the_centre_crop(shards):
 
 def _eval_overrides(cfg):
     ev = cfg.for_evaluation(cfg.data_path)
-    assert not ev.augment and ev.epochs == 1 and not ev.drop_last and ev.text_encoder_caption == "alt"
+    assert not ev.augment and ev.epochs == 1 and not ev.drop_last and ev.contrastive_texts == "alt"
     return {"augment": ev.augment}
 
 
 def test_bad_augmentation_flags_are_usage_errors():
     for kw, flag in ((dict(crop_min_area=0), "--crop-min-area"), (dict(color_jitter=1.5), "--color-jitter"),
                      (dict(grayscale_prob=-0.1), "--grayscale-prob"),
-                     (dict(text_encoder_caption="recap"), "--text-encoder-caption")):
+                     (dict(contrastive_texts="recap"), "--contrastive-texts")):
         with pytest.raises(ValueError, match=flag):
             DataConfig(**kw)
 

@@ -260,3 +260,22 @@ def test_generators_saved_on_another_kind_of_device_are_left_seeded_not_a_crash(
     assert all(torch.equal(before[k], v) for k, v in get_cuda_rng_tracker().get_states().items())
     torch.rand(3)
     assert set_rng_state(mine) is True and torch.equal(torch.get_rng_state(), mine["cpu"])
+
+
+def test_decoder_noise_on_layernorm_tokens_does_not_follow_the_encoder_scale(mp1):
+    """decoder_noise_norm 'layernorm' (RAE's convention, the default): the decoder and its noise see unit-RMS
+    tokens, so tokens 10x larger give the same prediction and the same noised input; 'none' follows the scale.
+    A config saved before the option existed reads as 'none' (what it trained with)."""
+    from megatron_ov3.models import OV3Config
+    from megatron_ov3.models.decoder import decoder_input
+
+    tok = torch.randn(2, 4, 64) * 3 + 1
+    for norm, same in (("layernorm", True), ("none", False)):
+        model = tiny_model(image_size=32, decoder_noise_norm=norm)
+        model.eval()
+        a, b = model.latent_decoder(tok), model.latent_decoder(tok * 10)
+        assert torch.allclose(a, b, atol=1e-4) == same, norm
+    normed = decoder_input(tok, model.cfg.replace(decoder_noise_norm="layernorm"))
+    torch.testing.assert_close(normed.pow(2).mean(-1), torch.ones(2, 4), atol=1e-4, rtol=0)
+    saved = {k: v for k, v in model.cfg.to_dict().items() if k != "decoder_noise_norm"}
+    assert OV3Config.from_saved(saved).decoder_noise_norm == "none"

@@ -45,7 +45,10 @@ def test_paper_recipes_resolve_to_the_paper_settings(size, tokenizer):
         assert tree["checkpoint"]["load"] == tree["checkpoint"]["save"]
         d = tree["data"]  # OpenVision's augmentation and caption routing
         assert d["augment"] and (d["crop_min_area"], d["color_jitter"], d["grayscale_prob"]) == (0.4, 0.4, 0.2)
-        assert d["text_encoder_caption"] == "alt" and d["recaption_key"] == "re_caption"
+        assert d["contrastive_texts"] == "alt,recap-sentence" and d["recaption_key"] == "re_caption"
+        assert (m["contrastive_texts"], m["caption_prefix"], m["decoder_noise_norm"]) == ("alt,recap-sentence", "alt",
+                                                                                          "layernorm")
+        assert tree["train"]["contrastive_global_batch"]  # issue 29: OpenVision's one-step contrastive batch
     stage = lambda t: (t["model"]["image_size"], t["train"]["global_batch_size"], t["model"]["lpips_weight"])  # noqa
     assert stage(one) == (128, 8192, 0) and stage(two) == (256, 4096, 0.5)
     assert two["model"]["lpips_path"] == ENV["LPIPS_PATH"]
