@@ -42,11 +42,13 @@ from ..errors import MissingFile, UsageError
 from ..losses import CONTRASTIVE_TEXTS, TEXT_KEYS
 from ..options import check_numbers, cli
 from .images import TOO_LARGE, Augment, decode_image, to_rgb  # noqa: F401 (decode_image, to_rgb: public here)
-from .shards import (LATENT_MANIFEST, RECAPTION_KEY, caption_of, decode_latent, expand_urls, image_bytes,
-                     iter_tar_samples, recaption_of, sample_kind, shard_name)
+from .shards import (LATENT_MANIFEST, RECAPTION_KEY, caption_of, decode_latent, expand_urls, image_bytes, is_local,
+                     iter_tar_samples, local_path, recaption_of, sample_kind, shard_name)
 
 REASONS = ("bad_shard", "bad_image", "missing_image", "missing_caption", "empty_caption", "bad_latent", "wrong_kind",
-           "duplicate_member", "lost_sample", "too_large")
+           "duplicate_member", "lost_sample", "too_large", "shard_retry")
+NOT_SAMPLES = ("shard_retry",)
+"""Counted events that lose no sample (a remote shard's transfer retried): not in the bad-sample total."""
 UNUSABLE_STREAK = 2000  # raw samples in a row without a usable one: the source holds nothing to train on
 
 
@@ -65,6 +67,11 @@ class DataConfig:
     """Sampling weight per source (default: equal)."""
     resample: bool = field(default=False, metadata=cli("--data-resample"))
     """Draw shards with replacement (infinite, no epochs) instead of epoch-wise disjoint splitting."""
+    shard_retries: int = field(default=3, metadata=cli(low=0))
+    """Attempts after the first at a remote shard whose transfer fails (a command's non-zero exit, a dropped
+    connection), skipping the samples already read; counted as ``shard_retry``. Local files are never retried."""
+    shard_retry_backoff_s: float = field(default=1.0, metadata=cli(low=0))
+    """Wait before retry k: this x 2^(k-1) seconds."""
     num_workers: int = field(default=2, metadata=cli())
     """DataLoader worker processes per rank (0: load in the main process)."""
     shuffle_buffer: int = field(default=1000, metadata=cli())
@@ -174,7 +181,7 @@ class ShardStream(IterableDataset):
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.sources = expand_urls(cfg.data_path)
         for i, shards in enumerate(self.sources):
-            local = [u for u in shards if "://" not in u and not u.startswith("pipe:")]
+            local = [local_path(u) for u in shards if is_local(u)]
             missing = [u for u in local if not os.path.isfile(u)]
             if missing and len(missing) == len(shards):  # a typo; a few missing shards are counted as bad_shard
                 raise MissingFile(
@@ -211,7 +218,7 @@ class ShardStream(IterableDataset):
             for draw in itertools.count():
                 url = shards[rng.randrange(len(shards))]
                 empty += 1
-                for smp in iter_tar_samples(url, on_error):
+                for smp in iter_tar_samples(url, on_error, cfg.shard_retries, cfg.shard_retry_backoff_s):
                     smp["__epoch__"], smp["__source__"] = draw, s
                     empty = 0
                     yield smp
@@ -226,7 +233,7 @@ class ShardStream(IterableDataset):
             seeded_rng(cfg.seed, "shards", s, epoch).shuffle(order)
             mine, n = order[slot::stride], 0
             for url in mine:
-                for smp in iter_tar_samples(url, on_error):
+                for smp in iter_tar_samples(url, on_error, cfg.shard_retries, cfg.shard_retry_backoff_s):
                     smp["__epoch__"], smp["__source__"] = epoch, s
                     n += 1
                     yield smp
@@ -433,7 +440,9 @@ def collate(samples: List[dict]) -> Dict[str, torch.Tensor]:
 
 def source_kind(shards: List[str]) -> str:
     """'latent' when the source's shard folder holds a latent-cache manifest, else 'image'."""
-    folder = os.path.dirname(os.path.abspath(shards[0])) if shards else ""
+    if not shards or not is_local(shards[0]):
+        return "image"  # latent caches are local (tools/cache_latents.py writes a folder)
+    folder = os.path.dirname(os.path.abspath(local_path(shards[0])))
     return "latent" if os.path.isfile(os.path.join(folder, LATENT_MANIFEST)) else "image"
 
 

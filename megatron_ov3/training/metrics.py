@@ -35,7 +35,10 @@ class ConsoleSink:
 
     def write(self, r: dict) -> None:
         losses = " | ".join(f"{k} {r[k]:.4f}" for k in ("total_loss",) + LOSS_NAMES if k in r)
-        bad = r["bad_samples"]
+        from ..data.pipeline import NOT_SAMPLES
+
+        bad = {k: v for k, v in r["bad_samples"].items() if k not in NOT_SAMPLES}
+        retries = r["bad_samples"].get("shard_retry", 0)
         eta = (self.total - r["iteration"]) * r["step_time_s"]
         gn = float("nan") if r["grad_norm"] is None else r["grad_norm"]
         acc = f" | acc i2t {r['contrastive_acc_i2t']:.3f}" if "contrastive_acc_i2t" in r else ""
@@ -45,6 +48,7 @@ class ConsoleSink:
               f" | lr {r['lr']:.3e} | grad norm {gn:.3f} | samples/s {r['samples_per_s']:.1f} | "
               f"TFLOP/s/device {r['tflops_per_device']:.4f} | mem {r['memory_mb']:.0f} MB | "
               f"skipped steps {r['skipped_steps']} | bad samples {sum(bad.values())}"
+              + (f" | shard retries {retries}" if retries else "")
               + (f" {({k: v for k, v in bad.items() if v})}" if any(bad.values()) else "")
               + f" | ETA {_duration(eta)}", flush=True)
 
