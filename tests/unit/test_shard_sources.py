@@ -105,3 +105,28 @@ def test_url_forms_that_name_nothing_are_one_line(tmp_path):
     with pytest.raises(UsageError, match="names no shards"):
         expand_urls(f"@{tmp_path}/empty.txt")
     assert "shard_retry" in REASONS
+
+
+@pytest.mark.slow
+def test_training_from_url_forms_matches_the_plain_paths(tiny_data, server, tmp_path):
+    """The done-when of issue 28: training from ``pipe:``, ``http://`` and ``file://`` specs of the same shards gives
+    the plain paths' first losses with zero bad samples (in-process runs, one loader worker process each)."""
+    import json
+
+    from dist_utils import run_inprocess
+
+    spec, tok = tiny_data
+    base, folder = server
+    forms = {"plain": spec, "pipe": f"pipe:cat {folder}/synthetic-{{00000..00007}}.tar",
+             "http": f"{base}/synthetic-{{00000..00007}}.tar", "file": f"file://{folder}/synthetic-{{00000..00007}}.tar"}
+    losses = {}
+    for name, form in forms.items():
+        r = run_inprocess("-m", "megatron_ov3.pretrain", "--data-path", form, "--tokenizer", tok, "--tiny-vae",
+                          "--image-size", "32", "--micro-batch-size", "4", "--global-batch-size", "4",
+                          "--train-iters", "2", "--log-interval", "1", "--num-workers", "1",
+                          "--metrics-file", tmp_path / f"{name}.jsonl")
+        assert r.returncode == 0, (name, r.stderr[-2000:])
+        records = [json.loads(line) for line in open(tmp_path / f"{name}.jsonl")]
+        assert all(not any(m["bad_samples"].values()) for m in records), (name, records[-1]["bad_samples"])
+        losses[name] = [m["total_loss"] for m in records]
+    assert all(v == losses["plain"] for v in losses.values()), losses
