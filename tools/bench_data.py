@@ -15,6 +15,7 @@ accounting and the resume position.
 (1 node of 8 H100, --image-size, --global-batch-size), how many loader workers per GPU that model needs at the
 measured rate.
 """
+import contextlib
 import io
 import json
 import math
@@ -128,6 +129,48 @@ def compare(spec, tokenizer, size, batch, workers, batches, rounds) -> dict:
     return best
 
 
+@contextlib.contextmanager
+def http_served(folder):
+    """``folder`` served over HTTP on 127.0.0.1 (an ephemeral port) while the block runs: the base URL."""
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=folder))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def remote_vs_local(spec, tokenizer, size, batch, workers, batches, rounds) -> dict:
+    """Our pipeline over the shards as local paths and as ``http://`` URLs of a local server (an ``@FILE`` list),
+    alternated ``rounds`` times, best round of each: what reading through a URL costs beyond the network."""
+    import tempfile
+
+    from megatron_ov3.data.shards import expand_urls
+
+    shards = expand_urls(spec)[0]
+    folder = os.path.dirname(os.path.abspath(shards[0]))
+    runs = {"local": [], "http": []}
+    with http_served(folder) as base, tempfile.NamedTemporaryFile("w", suffix=".txt") as listed:
+        listed.write("\n".join(f"{base}/{os.path.basename(u)}" for u in shards))
+        listed.flush()
+        for _ in range(rounds):
+            for name, form in (("local", spec), ("http", "@" + listed.name)):
+                runs[name].append(timed(lambda: ours(form, tokenizer, size, batch, workers), batches, batch, workers))
+    best = {k: max(v, key=lambda r: r["images_per_s"]) for k, v in runs.items()}
+    best["ratio"] = best["http"]["images_per_s"] / best["local"]["images_per_s"]
+    return best
+
+
 def workers_per_gpu(sizes, per_worker, image_size, global_batch) -> dict:
     """Loader workers each GPU needs to feed the planner's predicted img/s per GPU (one node of 8 H100)."""
     from megatron_ov3.scaling.planner import Hardware, plan
@@ -155,6 +198,8 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=2, help="alternations of the two pipelines (best round kept)")
     p.add_argument("--model-size", nargs="*", default=[], help="report loader workers per GPU for these sizes")
     p.add_argument("--global-batch-size", type=int, default=4096, help="of the planned run (--model-size)")
+    p.add_argument("--http", action="store_true", help="also time our pipeline over http:// URLs of the same shards "
+                                                       "(a local server on 127.0.0.1) against the local paths")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     if min(args.batches, args.rounds, args.micro_batch_size, args.num_samples) < 1 or args.num_workers < 0:
@@ -175,6 +220,9 @@ def main(argv=None):
     if args.latent_shards:
         out["latent"] = timed(lambda: ours(args.latent_shards, tokenizer, args.image_size, args.micro_batch_size,
                                            args.num_workers), args.batches, args.micro_batch_size, args.num_workers)
+    if args.http:
+        out["http"] = remote_vs_local(spec, tokenizer, args.image_size, args.micro_batch_size, args.num_workers,
+                                      args.batches, args.rounds)
     if args.model_size:
         out["workers_per_gpu"] = workers_per_gpu(args.model_size, out["image"]["ours"]["images_per_s_per_worker"],
                                                  args.image_size, args.global_batch_size)
@@ -186,6 +234,10 @@ def report(out, args) -> str:
     lines = [f"{args.image_size}px, augmentation on, micro-batch {args.micro_batch_size}, {args.num_workers} "
              f"worker(s): ours {img['ours']['images_per_s_per_worker']:.1f} img/s per worker, open_clip's pipeline "
              f"{img['open_clip']['images_per_s_per_worker']:.1f} ({img['ratio']:.2f}x)"]
+    if "http" in out:
+        h = out["http"]
+        lines.append(f"ours over http:// (local server): {h['http']['images_per_s_per_worker']:.1f} img/s per worker "
+                     f"against {h['local']['images_per_s_per_worker']:.1f} from local paths ({h['ratio']:.2f}x)")
     if "latent" in out:
         lines.append(f"latent shards: {out['latent']['images_per_s_per_worker']:.1f} img/s per worker")
     for size, w in out.get("workers_per_gpu", {}).items():

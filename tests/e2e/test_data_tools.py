@@ -118,8 +118,11 @@ def test_synthetic_tokenizer_cache_bench(tmp_path):
         check_latent_normalisation(lat, FrozenVAE.tiny(shift_factor=0.0), 32)
     rc, out, err = tool("bench_data.py", "--image-shards", spec, "--tokenizer", tmp_path / "tok.model",
                         "--image-size", 32, "--micro-batch-size", 4, "--batches", 3, "--num-workers", 1, "--rounds",
-                        1, "--model-size", "B", "--json")
+                        1, "--model-size", "B", "--http", "--json")
     assert rc == 0, err
+    remote = json.loads(out.strip().splitlines()[-1])["http"]
+    assert remote["http"]["images_per_s"] > 0 and remote["ratio"] == pytest.approx(
+        remote["http"]["images_per_s"] / remote["local"]["images_per_s"])
     res = json.loads(out.strip().splitlines()[-1])["image"]
     ours, peer = res["ours"]["images_per_s_per_worker"], res["open_clip"]["images_per_s_per_worker"]
     assert ours > 0 and peer > 0 and res["ratio"] == pytest.approx(ours / peer)
