@@ -29,7 +29,7 @@ demo: $(STAMP)
 # logs as stale, so a suite that mixed them rebuilt DeepSpeed's CPU comm op (a minute or two) at every switch
 TEST_ENV = PATH="$(abspath $(VENV))/bin:$$PATH"
 test: $(STAMP)
-	$(TEST_ENV) $(PY) -m pytest -q tests -n 2 --dist loadgroup --durations=25
+	$(TEST_ENV) $(PY) -m pytest -q tests --durations=25
 
 # the developer loop: unit tests and in-process CLI tests, no launches
 test-fast: $(STAMP)

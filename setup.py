@@ -80,7 +80,7 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout", "pytest-xdist>=3.5", "ruff>=0.6"],
+        "test": ["pytest>=7", "pytest-timeout", "ruff>=0.6"],
         "hf": ["transformers>=4.40"],
         "wandb": ["wandb"],
         "te": ["transformer-engine[pytorch]"],

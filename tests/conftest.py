@@ -6,32 +6,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-# `make test` runs two pytest workers (pytest-xdist) on the 2-core machine: one intra-op thread each
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
-
-SHARED_GROUPS = {"distributed/test_parallel_equivalence.py": "layouts", "e2e/test_convert.py": "layouts"}
-"""Files whose tests share an expensive session fixture (``layout_runs``) and so run on one worker."""
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
-def pytest_collection_modifyitems(config, items):
-    """Under ``pytest -n 2 --dist loadgroup`` (``make test``) each test file is one unit of work, so module and
-    session fixtures are made once (files in :data:`SHARED_GROUPS` share a unit); the two workers take files in
-    turn. Parallel by file, not by test: the suite is bound by process start-up and waiting (one core busy on
-    average), and two files at a time fill both cores."""
-    groups = {}
-    for item in items:
-        rel = os.path.relpath(str(item.fspath), os.path.join(ROOT, "tests"))
-        groups[item.nodeid] = SHARED_GROUPS.get(rel, rel)
-        item.add_marker(pytest.mark.xdist_group(groups[item.nodeid]))
-    # the longest units first, so neither worker is left with one at the end (a stable sort keeps the rest in order)
-    items.sort(key=lambda it: LONGEST_FIRST.index(groups[it.nodeid]) if groups[it.nodeid] in LONGEST_FIRST
-               else len(LONGEST_FIRST))
-
-
-LONGEST_FIRST = ["multinode/test_two_hosts.py", "e2e/test_training.py", "layouts", "e2e/test_gpu_check.py",
-                 "e2e/test_demo.py", "e2e/test_scaling_measured.py", "e2e/test_evaluate.py"]
-"""The files that take minutes (``--durations``), longest first."""
+torch.set_num_threads(2)
 
 
 @pytest.fixture()
@@ -121,7 +96,6 @@ def layout_runs(universal_init, tmp_path_factory):
     return type("LayoutRuns", (dict,), {"folder": d})(runs)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     from megatron_ov3.models.specs import te_available
 
