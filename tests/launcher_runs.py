@@ -20,11 +20,11 @@ def recipe_env(dataset, ckpt, **extra):
                           PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"], **extra)
 
 
-def launch(dataset, ckpt, *flags, timeout=300, **extra):
-    """``deepspeed --num_gpus 2 examples/pretrain_ov3_tiny.sh --log-interval 1 FLAGS`` on one host. A run that
+def launch(dataset, ckpt, *flags, timeout=300, gpus=2, **extra):
+    """``deepspeed --num_gpus GPUS examples/pretrain_ov3_tiny.sh --log-interval 1 FLAGS`` on one host. A run that
     finished leaves none of DeepSpeed's CPU all-reduce buffers in /dev/shm (``cli.release_shared_memory``)."""
     port = free_port()
-    cmd = [DS, "--num_gpus", "2", "--master_port", str(port), "examples/pretrain_ov3_tiny.sh",
+    cmd = [DS, "--num_gpus", str(gpus), "--master_port", str(port), "examples/pretrain_ov3_tiny.sh",
            "--log-interval", "1", *map(str, flags)]
     r = subprocess.run(cmd, cwd=ROOT, env=recipe_env(dataset, ckpt, **extra), capture_output=True, text=True,
                        timeout=timeout)

@@ -158,7 +158,12 @@ def init_from_universal(model, cfg, directory: str, log: Callable[[str], None] =
 
 def data_state_for(client: dict, dp_size: int, dp_rank: int, log: Callable[[str], None]) -> Optional[dict]:
     """This rank's saved data position (None: restart the stream, with a warning when positions exist)."""
+    from ..data.elastic import merge_states
+
     states = client.get("data_states") or []
+    merged = merge_states(states)
+    if merged is not None:  # the elastic order: one layout-free position, every rank takes its streams from it
+        return merged
     if len(states) == dp_size:
         return states[dp_rank]
     if states and "consumed" in (states[0] or {}):

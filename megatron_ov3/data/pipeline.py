@@ -72,6 +72,11 @@ class DataConfig:
     connection), skipping the samples already read; counted as ``shard_retry``. Local files are never retried."""
     shard_retry_backoff_s: float = field(default=1.0, metadata=cli(low=0))
     """Wait before retry k: this x 2^(k-1) seconds."""
+    data_streams: Optional[int] = field(default=None, metadata=cli(low=1))
+    """Virtual streams the training data is dealt into (megatron_ov3/data/elastic.py): the global batches are then
+    the same samples at any data-parallel size and worker count, and a checkpoint resumes exactly on another
+    layout. It must divide the global batch, be a multiple of the data-parallel size and not exceed the shard count;
+    default: the largest such divisor of the global batch up to 64 (never a function of the layout)."""
     num_workers: int = field(default=2, metadata=cli())
     """DataLoader worker processes per rank (0: load in the main process)."""
     shuffle_buffer: int = field(default=1000, metadata=cli())
@@ -163,6 +168,30 @@ def seeded_rng(*parts) -> random.Random:
     return random.Random(int.from_bytes(digest[:8], "little"))
 
 
+def shuffled(stream: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
+    """``stream`` through a shuffle buffer of ``size`` samples drawn by ``rng`` (size 0 or 1: unchanged)."""
+    if size <= 1:
+        yield from stream
+        return
+    buf: List[dict] = []
+    for smp in stream:
+        if len(buf) < size:
+            buf.append(smp)
+            continue
+        i = rng.randrange(size)
+        buf[i], smp = smp, buf[i]
+        yield smp
+    rng.shuffle(buf)
+    yield from buf
+
+
+def epoch_order(shards: List[str], seed: int, source: int, epoch: int) -> List[str]:
+    """A source's shards in the seeded order of one epoch (every split of the epoch takes a slice of it)."""
+    order = list(shards)
+    seeded_rng(seed, "shards", source, epoch).shuffle(order)
+    return order
+
+
 def noise_seed(seed: int, shard: str, key: str, epoch: int) -> int:
     """Per-sample seed for the decoder noise: depends on the sample (its shard's name, see
     :func:`~megatron_ov3.data.shards.shard_name`, and key) and its epoch, not on the data split or the folder."""
@@ -229,9 +258,7 @@ class ShardStream(IterableDataset):
         slot, stride = self.dp_rank * self.num_logical + w, self.dp_size * self.num_logical
         epochs = itertools.count() if cfg.epochs is None else range(cfg.epochs)
         for epoch in epochs:
-            order = list(shards)
-            seeded_rng(cfg.seed, "shards", s, epoch).shuffle(order)
-            mine, n = order[slot::stride], 0
+            mine, n = epoch_order(shards, cfg.seed, s, epoch)[slot::stride], 0
             for url in mine:
                 for smp in iter_tar_samples(url, on_error, cfg.shard_retries, cfg.shard_retry_backoff_s):
                     smp["__epoch__"], smp["__source__"] = epoch, s
@@ -247,21 +274,7 @@ class ShardStream(IterableDataset):
             mixed = streams[0]
         else:
             mixed = self._mix(streams, seeded_rng(self.cfg.seed, "mix", self.dp_rank, w))
-        size = self.cfg.shuffle_buffer
-        if size <= 1:
-            yield from mixed
-            return
-        rng = seeded_rng(self.cfg.seed, "shuffle", self.dp_rank, w)
-        buf: List[dict] = []
-        for smp in mixed:
-            if len(buf) < size:
-                buf.append(smp)
-                continue
-            i = rng.randrange(size)
-            buf[i], smp = smp, buf[i]
-            yield smp
-        rng.shuffle(buf)
-        yield from buf
+        yield from shuffled(mixed, self.cfg.shuffle_buffer, seeded_rng(self.cfg.seed, "shuffle", self.dp_rank, w))
 
     def _mix(self, streams, rng):
         active = list(range(len(streams)))

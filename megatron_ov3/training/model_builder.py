@@ -34,12 +34,15 @@ def build_model_for_job(job: JobConfig, device: torch.device, log: Callable[[str
 
 
 def build_data(job: JobConfig, plan: BatchPlan, dp_rank: int, dp_size: int, state: Optional[dict],
-               consumed_samples: int):
-    """The resumable batch stream of this data-parallel rank (mock batches or shards)."""
+               consumed_samples: int, log=print):
+    """The resumable batch stream of this data-parallel rank: mock batches, or shards in the elastic order
+    (:mod:`megatron_ov3.data.elastic`) when the layout allows it, else per-rank streams (said in one line)."""
     import dataclasses
 
     from ..data import DataIterator
+    from ..data.elastic import ElasticIterator, auto_streams, why_not_elastic
     from ..data.mock import MockData
+    from ..data.shards import expand_urls
 
     cfg = job.model
     if job.data.mock_data:
@@ -47,6 +50,18 @@ def build_data(job: JobConfig, plan: BatchPlan, dp_rank: int, dp_size: int, stat
                         cfg.text_context_length, cfg.caption_length, seed=job.train.seed,
                         state=state if state and "consumed" in state else {"consumed": consumed_samples})
     data_cfg = dataclasses.replace(job.data, micro_batch_size=plan.micro_batch_size)
+    sources = expand_urls(job.data.data_path)
+    streams = job.data.data_streams or auto_streams(plan.global_batch_size, len(sources[0]))
+    why = why_not_elastic(data_cfg, streams, plan.global_batch_size, dp_size, len(sources[0]), len(sources))
+    if why is None:
+        if state and "streams" in state and state["streams"] != streams:
+            log(f"warning: the checkpoint's data was dealt into {state['streams']} streams and this run's into "
+                f"{streams} (--data-streams, or the global batch changed); the data stream restarts")
+            state = None
+        return ElasticIterator(data_cfg, dp_rank, dp_size, plan.global_batch_size, streams,
+                               state if state and "stream_pos" in state else None)
+    log(f"note: the data order is per data-parallel rank ({why}); a resume at another data-parallel size or "
+        f"worker count restarts the data stream")
     return DataIterator(data_cfg, dp_rank, dp_size, state=state if state and "raw_pos" in state else None)
 
 

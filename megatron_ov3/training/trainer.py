@@ -165,7 +165,7 @@ class Trainer:
             log0(f"stage start from {ck.finetune_from} at {cfg.image_size}px ({pos}; optimizer "
                  f"{'kept' if ck.keep_optimizer else 'reset'})")
         self.data = build_data(self.job, self.plan, self.dp_rank, self.dp_size, data_state,
-                               self.state.consumed_samples)
+                               self.state.consumed_samples, log0)
         self.latent_input = latent_input(self.job)
 
     def _warn_if_stage_changed(self, tag_dir: str) -> None:
