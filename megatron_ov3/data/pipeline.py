@@ -76,7 +76,7 @@ class DataConfig:
     """Virtual streams the training data is dealt into (megatron_ov3/data/elastic.py): the global batches are then
     the same samples at any data-parallel size and worker count, and a checkpoint resumes exactly on another
     layout. It must divide the global batch, be a multiple of the data-parallel size and not exceed the shard count;
-    default: the largest such divisor of the global batch up to 64 (never a function of the layout)."""
+    default: the largest such divisor of the global batch up to 1024 (never a function of the layout)."""
     num_workers: int = field(default=2, metadata=cli())
     """DataLoader worker processes per rank (0: load in the main process)."""
     shuffle_buffer: int = field(default=1000, metadata=cli())

@@ -47,7 +47,7 @@ def test_saved_at_dp4_resumes_exactly_at_dp2_and_dp1(tiny_data):
 
 def test_layouts_that_cannot_be_elastic_say_why(tiny_data):
     cfg = _cfg(tiny_data, 1)
-    assert auto_streams(8, 8) == 8 and auto_streams(4096, 100_000) == 64 and auto_streams(24, 5) == 4
+    assert auto_streams(8, 8) == 8 and auto_streams(4096, 100_000) == 1024 and auto_streams(24, 5) == 4
     assert why_not_elastic(cfg, 8, G, 4, 8, 1) is None
     assert "multiple of the data-parallel size 3" in why_not_elastic(cfg, 8, 24, 3, 8, 1)
     assert "exceeds the 1 streams" in why_not_elastic(dataclasses.replace(cfg, num_workers=2), 8, G, 8, 8, 1)

@@ -86,3 +86,15 @@ def test_base_files_merge_and_refuse_cycles(tmp_path):
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
     with pytest.raises(UsageError, match="cycle"):
         read_file(str(tmp_path / "a.yaml"))
+
+
+def test_paper_recipes_read_the_elastic_data_order_on_their_planned_layout():
+    """The recipes' global batch, 100k shards and 8 loader workers on DP 64 (the planner's layout): the default
+    number of virtual streams lets every worker read its own (issue 28), so a resume on fewer nodes is exact."""
+    from megatron_ov3.data import DataConfig
+    from megatron_ov3.data.elastic import auto_streams, why_not_elastic
+
+    cfg = DataConfig(num_workers=8)
+    for global_batch in (8192, 4096):
+        v = auto_streams(global_batch, 100_000)
+        assert why_not_elastic(cfg, v, global_batch, 64, 100_000, 1) is None, v
