@@ -181,7 +181,7 @@ class ShardStream:
 
     def read(self, n: int = -1) -> bytes:
         data = self.stream.read(n)
-        self.tail = (self.tail + data)[-1024:]
+        self.tail = data[-1024:] if len(data) >= 1024 else (self.tail + data)[-1024:]
         return data
 
     def read_all(self) -> bytes:
