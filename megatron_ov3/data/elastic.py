@@ -97,18 +97,17 @@ class StreamWorker(IterableDataset):
         while True:
             chunk = []
             for v in mine:
-                samples, streak = [], 0
+                samples, streak, at_streak = [], 0, list(self.bad[v])
                 while len(samples) < self.per_step:
                     smp = next(raws[v])
                     self.pos[v] = self.pos.get(v, 0) + 1
                     dec = self.base._decode(smp, counters[v])
                     if dec is None:
                         streak += 1
-                        if streak >= UNUSABLE_STREAK:
-                            raise UsageError(f"the last {streak} samples of data stream {v} were all unusable; each "
-                                             f"sample needs a decodable image and a caption")
+                        if streak >= UNUSABLE_STREAK:  # the per-rank stream's one line, reasons and shards named
+                            self.base._nothing_usable(streak, at_streak, self.bad[v])
                         continue
-                    streak = 0
+                    streak, at_streak = 0, list(self.bad[v])
                     samples.append(dec)
                 chunk.append((v, collate(samples), self.pos[v], list(self.bad[v])))
             yield chunk

@@ -126,7 +126,11 @@ def test_hf_llava_rae_parity(ckpt, tmp_path, mp1):
     assert renc.patch_size == 16 and renc.hidden_size == 64
     toks = renc(images)
     assert toks.dtype == torch.float32 and toks.shape == (2, 4, 64)
-    torch.testing.assert_close(toks, enc.tokens, **TOL)
+    # the tokens OV3's decoder (and its noise) saw in training: parameter-free LayerNorm (RAE's convention)
+    from megatron_ov3.models.decoder import decoder_input
+
+    assert model.cfg.decoder_noise_norm == "layernorm" and hf.config.decoder_noise_norm == "layernorm"
+    torch.testing.assert_close(toks, decoder_input(enc.tokens, model.cfg), **TOL)
     dec = rae.OV3RAEDecoder.from_export(str(out))
     with torch.no_grad():
         pix = dec.unpatchify(dec(toks).logits)
