@@ -10,13 +10,29 @@ saying which file it removed.
 from __future__ import annotations
 
 import os
+import sys
 import time
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 OPS = ("deepspeed_shm_comm",)
 """DeepSpeed ops the training job JIT-builds."""
 STALE_AFTER_S = 600.0
 """A lock this old is left by a killed build (a build takes ~25 s on 2 CPU cores)."""
+
+
+def prefer_environment_ninja(executable: Optional[str] = None) -> bool:
+    """Put this Python's own bin folder first on PATH when it holds a ``ninja`` (pip installs one beside torch).
+
+    torch's JIT build runs the first ``ninja`` on PATH, and two ninja versions (e.g. the environment's 1.13 and a
+    system 1.11) read each other's build log as stale: every switch rebuilds DeepSpeed's op (about a minute on 2
+    cores). Ranks started over ssh by DeepSpeed's multi-node runners get the login PATH, without the environment,
+    so a mixed job rebuilt the op at every launch. Returns whether PATH changed."""
+    bindir = os.path.dirname(os.path.abspath(executable or sys.executable))
+    path = os.environ.get("PATH", "")
+    if not os.path.isfile(os.path.join(bindir, "ninja")) or path.split(os.pathsep)[0] == bindir:
+        return False
+    os.environ["PATH"] = bindir + os.pathsep + path
+    return True
 
 
 def build_lock_path(op: str) -> str:

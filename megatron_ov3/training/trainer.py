@@ -22,7 +22,7 @@ from ..config.job import BatchPlan, JobConfig
 from ..errors import UsageError, short_repr
 from ..models.accounting import step_flops_per_sample
 from ..models.specs import resolve_backend
-from ..parallel.build_lock import clear_stale_build_locks
+from ..parallel.build_lock import clear_stale_build_locks, prefer_environment_ninja
 from . import step as steps
 from .ds_config import deepspeed_config
 from .metrics import sinks_for
@@ -366,6 +366,7 @@ def setup(job: JobConfig, world: int) -> Trainer:
     parallel.initialize_model_parallel(job.parallel.tensor_model_parallel_size,
                                        job.parallel.pipeline_model_parallel_size, seed=job.train.seed)
     clear_stale_build_locks(log0)  # DeepSpeed's JIT build would otherwise wait forever on a killed run's lock
+    prefer_environment_ninja()  # one ninja for every rank's build, however the rank was started
     deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
     check_ranks_agree(software_facts(job))
     tr = Trainer(job, plan, world, resume=decide_once(job)["resume"])

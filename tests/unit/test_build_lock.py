@@ -35,3 +35,22 @@ def test_a_young_lock_becomes_stale_instead_of_hanging(tmp_path, monkeypatch):
     lines = []
     assert clear_stale_build_locks(lines.append, stale_after=1.0, poll=0.1) == [lock]
     assert "waiting for" in lines[0] and "removed a stale build lock" in lines[1]
+
+
+def test_the_environments_own_ninja_comes_first(tmp_path, monkeypatch):
+    """A rank started over ssh has the login PATH (a system ninja of another version, which makes torch rebuild
+    DeepSpeed's op at every switch): the Python environment's bin folder goes first when it holds a ninja."""
+    import os
+
+    from megatron_ov3.parallel.build_lock import prefer_environment_ninja
+
+    env_bin = tmp_path / "venv" / "bin"
+    env_bin.mkdir(parents=True)
+    python = env_bin / "python"
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    assert not prefer_environment_ninja(str(python))  # no ninja in the environment: PATH untouched
+    assert os.environ["PATH"] == "/usr/bin:/bin"
+    (env_bin / "ninja").write_text("")
+    assert prefer_environment_ninja(str(python))
+    assert os.environ["PATH"] == f"{env_bin}:/usr/bin:/bin"
+    assert not prefer_environment_ninja(str(python))  # already first: once
