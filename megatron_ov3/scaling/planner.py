@@ -42,7 +42,8 @@ class Hardware:
 
     name: str = "H100-SXM-80GB"
     peak_tflops_bf16: float = 989.0
-    """Dense bf16 peak (datasheet; measured matmul peak on our H100: 745-785)."""
+    """Dense bf16 peak (the datasheet's; a measured matmul peak is lower: calibrate with ``examples/gpu_check.sh``,
+    nothing here was measured on a GPU)."""
     peak_tflops_fp8: float = 1979.0
     hbm_gb: float = 80.0
     usable_memory_fraction: float = 0.9
@@ -53,9 +54,11 @@ class Hardware:
     ib_gbps: float = 50.0
     """Achievable inter-node bandwidth per GPU, GB/s (400 Gb/s NDR)."""
     efficiency: float = 0.45
-    """Fraction of peak the transformer math reaches (our measured ViT-H: 0.35-0.55 MFU)."""
+    """Fraction of peak the transformer math reaches (an assumption, typical of published ViT-H MFU; not measured
+    here: calibrate it from a GPU benchmark)."""
     vae_tflops_fraction: float = 0.25
-    """Fraction of peak the VAE convolutions reach (measured: decode-with-grad is ~4x slower per FLOP)."""
+    """Fraction of peak the VAE convolutions reach (an assumption: convolutions with grad run well below matmul
+    rate; not measured on a GPU here, calibrate it)."""
     vae_decode_act_bytes_per_pixel: float = 6000.0
     """VAE decoder activation bytes kept for backward per output pixel (assumption; calibrate)."""
     dp_overlap: float = 0.5
