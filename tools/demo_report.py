@@ -20,7 +20,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     from megatron_ov3.eval.curves import plot_curves
     from megatron_ov3.eval.summary import summarize
-    from megatron_ov3.training.metrics import read_jsonl
+    from megatron_ov3.records import read_jsonl
 
     d = args.demo_dir
     metrics = read_jsonl(os.path.join(d, "metrics.jsonl"))

@@ -15,7 +15,7 @@ def main(argv=None):
     if not os.path.isfile(args.metrics_file):
         raise MissingFile(f"--metrics-file {args.metrics_file!r} does not exist")
     from megatron_ov3.eval.curves import plot_curves
-    from megatron_ov3.training.metrics import read_jsonl
+    from megatron_ov3.records import read_jsonl
 
     keys = plot_curves(read_jsonl(args.metrics_file), args.output, args.title)
     print(f"wrote {args.output} ({', '.join(keys)})")

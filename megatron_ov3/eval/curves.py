@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import List, Sequence
 
-from ..training.metrics import RECORD_KEYS
+from ..records import RECORD_KEYS
 
 
 def loss_keys(records: Sequence[dict]) -> List[str]:

@@ -22,7 +22,7 @@ from typing import List, Optional
 
 from .planner import Hardware, Layout, estimate
 from ..errors import UsageError
-from ..training.metrics import read_jsonl
+from ..records import read_jsonl
 
 
 @dataclass

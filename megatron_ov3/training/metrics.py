@@ -2,7 +2,8 @@
 
 The record is one flat dict, the JSONL schema shared with :mod:`megatron_ov3.scaling.measure` (which reads
 ``step_time_s`` and ``memory_mb_max_rank`` back): ``iteration``, every loss and metric the model returns
-(averaged over the interval and the data-parallel ranks), then the keys of :data:`RECORD_KEYS`.
+(averaged over the interval and the data-parallel ranks), then the keys of
+:data:`~megatron_ov3.records.RECORD_KEYS` (the schema's leaf module).
 Sinks: :class:`ConsoleSink` (the log line), :class:`JsonlSink` (``--metrics-file``), :class:`TensorBoardSink`
 (``--tensorboard-dir``) and :class:`WandbSink` (``--wandb-project``); a new sink is a class with
 ``write(record)`` and ``close()``.
@@ -11,20 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable
 
 from ..errors import UsageError
 from ..models import LOSS_NAMES
 
-RECORD_KEYS = ("lr", "grad_norm", "samples_per_s", "tflops_per_device", "step_time_s", "memory_mb",
-               "memory_mb_max_rank", "bad_samples", "skipped_steps")
-"""Keys every record has besides ``iteration`` and the model's own losses/metrics."""
-
-
-def read_jsonl(path: str) -> List[dict]:
-    """The records of a metrics file, in order."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+from ..records import RECORD_KEYS, read_jsonl  # noqa: F401 (the schema lives in the leaf module; public here too)
 
 
 class ConsoleSink:
