@@ -118,7 +118,7 @@ def _read_small(url: str) -> Optional[bytes]:
         except OSError:
             return None
     try:
-        with ShardStream(url) as f:
+        with ShardReader(url) as f:
             return f.read_all()
     except (OSError, ValueError, UsageError):
         return None
@@ -146,7 +146,7 @@ def expected_count(url: str, _cache: Dict[str, Dict[str, int]] = {}) -> Optional
         return None
 
 
-class ShardStream:
+class ShardReader:
     """One shard opened as webdataset opens it (``webdataset.gopen``: a path, ``file://``, ``pipe:CMD``, curl for
     ``http(s)://``, gsutil for ``gs://``; ``s3://`` through the AWS CLI, the webdataset convention
     ``pipe:aws s3 cp URL -``; other schemes through fsspec when installed). It remembers the last 1 KiB read, so
@@ -226,7 +226,7 @@ READ_ERRORS = (OSError, tarfile.TarError, EOFError, ValueError)
 
 
 def iter_tar_samples(url: str, on_error, retries: int = 0, backoff_s: float = 1.0) -> Iterator[Dict[str, bytes]]:
-    """Raw samples ``{"__key__", "__url__", ext: bytes}`` of one shard (any form :class:`ShardStream` opens).
+    """Raw samples ``{"__key__", "__url__", ext: bytes}`` of one shard (any form :class:`ShardReader` opens).
     Damage costs only what is damaged:
 
     * a member repeated within a sample: ``on_error("duplicate_member", url, exc)``; the sample keeps its first
@@ -281,7 +281,7 @@ def _read_shard(url: str, on_error, skip: int, expected: Optional[int]) -> Itera
 
     stream = None
     try:
-        stream = ShardStream(url)
+        stream = ShardReader(url)
         members = tar_file_iterator(stream)
         for sample in group_by_keys(({**m, "__url__": url} for m in members), handler=duplicates):
             n += 1
